@@ -1,0 +1,21 @@
+"""vtp: learned vision-token pruning for vision-language models, as a library and a course."""
+from .gumbel import keep_probability, one_gumbel_sigmoid, relaxed_bernoulli, sample_keep_mask
+from .losses import DualAscentController, PruningLoss
+from .pruner import GumbelVisionPruner, PrunerOutput
+from .schedules import get_temperature, sparsity_weight_schedule, target_ratio_schedule
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "sample_keep_mask",  # hard/soft keep mask from [drop, keep] logits via F.gumbel_softmax
+    "keep_probability",  # softmax keep probability of [drop, keep] logits
+    "relaxed_bernoulli",  # binary Concrete sample with Logistic noise
+    "one_gumbel_sigmoid",  # the biased one-Gumbel "sigmoid" (a bug, kept for lessons)
+    "GumbelVisionPruner",  # MLP scorer -> Gumbel mask in training, threshold / top-k in eval
+    "PrunerOutput",  # (mask, logits, keep_prob) returned by the pruner
+    "PruningLoss",  # CE on answers + KL distillation + visual-only sparsity
+    "DualAscentController",  # Lagrangian controller holding the keep ratio at target
+    "get_temperature",  # temperature schedule (exponential 5.0 -> 0.1 by default)
+    "sparsity_weight_schedule",  # sparsity-weight warm-up
+    "target_ratio_schedule",  # target keep-ratio curriculum 1.0 -> target
+]

@@ -1,0 +1,156 @@
+r"""``GumbelVisionPruner``: score visual tokens and decide which to keep.
+
+Scorer (the seed design): :math:`\text{Linear}(d, d/4) \to \text{ReLU} \to \text{Linear}(d/4, 2)`, giving
+logits :math:`[l_\text{drop}, l_\text{keep}]` per token and :math:`p_\text{keep} = \operatorname{softmax}(l)_1`.
+
+* **train mode**: a hard Gumbel-softmax sample (exact 0/1 forward, straight-through backward),
+  :math:`E[\text{mask}] = p_\text{keep}`.
+* **eval mode**: deterministic, no noise. ``rule="threshold"`` keeps :math:`p_\text{keep} > 0.5`;
+  ``rule="topk"`` keeps the :math:`k = \max(\text{min\_keep}, \operatorname{round}(\text{ratio}\cdot N))`
+  most probable of the :math:`N` valid tokens. Either way at least ``min_keep`` tokens survive per sample.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from .gumbel import check_tau, keep_probability, sample_keep_mask
+
+__all__ = ["PrunerOutput", "GumbelVisionPruner", "check_ratio", "topk_keep_mask", "threshold_keep_mask"]
+
+RULES = ("threshold", "topk")
+
+
+class PrunerOutput(NamedTuple):
+    """``mask`` [B, N] float 0/1 (straight-through in training), ``logits`` [B, N, 2], ``keep_prob`` [B, N]."""
+
+    mask: torch.Tensor
+    logits: torch.Tensor
+    keep_prob: torch.Tensor
+
+
+def check_ratio(ratio, name: str = "ratio") -> float:
+    """Return ``ratio`` as a float, or raise ``ValueError`` unless ``0 < ratio <= 1``."""
+    try:
+        r = float(ratio)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number in (0, 1], got {ratio!r}") from None
+    if not (0.0 < r <= 1.0):
+        raise ValueError(f"{name} must be in (0, 1], got {ratio}")
+    return r
+
+
+def _valid(scores: torch.Tensor, valid_mask: torch.Tensor | None) -> torch.Tensor:
+    if valid_mask is None:
+        return torch.ones_like(scores, dtype=torch.bool)
+    if valid_mask.shape != scores.shape:
+        raise ValueError(
+            f"valid_mask must have shape {tuple(scores.shape)} (batch, visual tokens), got {tuple(valid_mask.shape)}"
+        )
+    valid = valid_mask.bool()
+    if not valid.any(dim=-1).all():
+        raise ValueError("valid_mask: every sample needs at least one valid visual token")
+    return valid
+
+
+def _rank(scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Rank of each token by descending score within its sample (0 = best); invalid tokens rank last."""
+    order = scores.float().masked_fill(~valid, float("-inf")).argsort(dim=-1, descending=True, stable=True)
+    rank = torch.empty_like(order)
+    rank.scatter_(-1, order, torch.arange(scores.shape[-1], device=scores.device).expand_as(order))
+    return rank
+
+
+def topk_keep_mask(scores, ratio, valid_mask=None, min_keep: int = 1) -> torch.Tensor:
+    r"""Keep the :math:`k_b = \max(\text{min\_keep}, \operatorname{round}(\text{ratio} \cdot N_b))` highest
+    scores among the :math:`N_b` valid tokens of each sample (never more than :math:`N_b`). Float 0/1 mask."""
+    ratio = check_ratio(ratio)
+    valid = _valid(scores, valid_mask)
+    n_valid = valid.sum(-1)
+    k = torch.clamp(torch.round(ratio * n_valid.float()).long(), min=min_keep)
+    k = torch.minimum(k, n_valid)
+    rank = _rank(scores, valid)
+    return ((rank < k.unsqueeze(-1)) & valid).float()
+
+
+def threshold_keep_mask(scores, threshold: float = 0.5, valid_mask=None, min_keep: int = 1) -> torch.Tensor:
+    """Keep valid tokens whose score exceeds ``threshold``; top up to ``min_keep`` by score. Float 0/1 mask."""
+    valid = _valid(scores, valid_mask)
+    keep = (scores > threshold) & valid
+    n_valid = valid.sum(-1)
+    k_min = torch.minimum(torch.full_like(n_valid, min_keep), n_valid)
+    rank = _rank(scores, valid)
+    keep |= (rank < k_min.unsqueeze(-1)) & valid
+    return keep.float()
+
+
+class GumbelVisionPruner(nn.Module):
+    """Learned visual-token pruner: MLP scorer -> two logits ``[drop, keep]`` -> keep mask.
+
+    Args:
+        hidden_dim: width ``d`` of the visual tokens it scores.
+        reduction: the scorer's bottleneck is ``d // reduction`` (seed: 4).
+        rule: eval-mode rule, ``"threshold"`` (keep prob > ``threshold``) or ``"topk"`` (budget ``ratio``).
+        ratio: default keep ratio in (0, 1] for ``rule="topk"``.
+        threshold: keep-probability threshold for ``rule="threshold"``.
+        min_keep: at least this many tokens per sample in eval mode (>= 1).
+        tau: default Gumbel-softmax temperature (training sets it each step).
+        keep_bias: initial bias of the keep logit minus the drop logit (0 = start at p_keep = 0.5).
+    """
+
+    def __init__(
+        self,
+        hidden_dim: int,
+        reduction: int = 4,
+        rule: str = "threshold",
+        ratio: float = 0.25,
+        threshold: float = 0.5,
+        min_keep: int = 1,
+        tau: float = 1.0,
+        keep_bias: float = 0.0,
+    ):
+        super().__init__()
+        if not isinstance(hidden_dim, int) or hidden_dim < 1:
+            raise ValueError(f"hidden_dim must be a positive int, got {hidden_dim!r}")
+        if not isinstance(reduction, int) or not (1 <= reduction <= hidden_dim):
+            raise ValueError(f"reduction must be an int in [1, hidden_dim={hidden_dim}], got {reduction!r}")
+        if rule not in RULES:
+            raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
+        if not isinstance(min_keep, int) or min_keep < 1:
+            raise ValueError(f"min_keep must be an int >= 1, got {min_keep!r}")
+        if not (0.0 < float(threshold) < 1.0):
+            raise ValueError(f"threshold must be in (0, 1), got {threshold}")
+        self.hidden_dim, self.rule, self.min_keep = hidden_dim, rule, min_keep
+        self.ratio, self.threshold, self.tau = check_ratio(ratio), float(threshold), check_tau(tau)
+        inner = hidden_dim // reduction
+        self.scorer = nn.Sequential(nn.Linear(hidden_dim, inner), nn.ReLU(), nn.Linear(inner, 2))
+        with torch.no_grad():
+            self.scorer[-1].bias.copy_(torch.tensor([0.0, float(keep_bias)]))
+
+    def forward(self, tokens: torch.Tensor, valid_mask: torch.Tensor | None = None, tau: float | None = None,
+                ratio: float | None = None, rule: str | None = None) -> PrunerOutput:
+        """Score ``tokens`` [B, N, d]; ``valid_mask`` [B, N] marks real (non-padding) visual tokens.
+
+        Training: hard Gumbel sample at temperature ``tau``. Eval: ``rule`` with ``ratio`` (top-k) or the
+        threshold. Invalid tokens always get mask 0.
+        """
+        if tokens.dim() != 3 or tokens.shape[-1] != self.hidden_dim:
+            raise ValueError(
+                f"tokens must have shape (batch, tokens, {self.hidden_dim}), got {tuple(tokens.shape)}"
+            )
+        logits = self.scorer(tokens)
+        keep_prob = keep_probability(logits)
+        valid = _valid(keep_prob, valid_mask)
+        if self.training:
+            mask = sample_keep_mask(logits, self.tau if tau is None else tau, hard=True) * valid.float()
+        else:
+            rule = self.rule if rule is None else rule
+            if rule == "topk":
+                mask = topk_keep_mask(keep_prob, self.ratio if ratio is None else ratio, valid, self.min_keep)
+            elif rule == "threshold":
+                mask = threshold_keep_mask(keep_prob, self.threshold, valid, self.min_keep)
+            else:
+                raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
+        return PrunerOutput(mask, logits, keep_prob)

@@ -1,0 +1,50 @@
+"""Run-time switches shared by the library and the notebooks.
+
+* ``VTP_MODE`` = ``smoke`` (CPU-sized runs, seconds) or ``full`` (GPU-sized runs). Default: ``full`` when
+  a CUDA GPU is present, ``smoke`` otherwise.
+* ``VTP_PROGRESS`` = ``0`` turns the ``tqdm.auto`` progress bars off (the test suite does this).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+from tqdm.auto import tqdm
+
+__all__ = ["run_mode", "is_full", "default_device", "progress", "device_name"]
+
+MODES = ("smoke", "full")
+
+
+def run_mode() -> str:
+    """``"smoke"`` or ``"full"``, from ``VTP_MODE`` or the presence of a GPU."""
+    mode = os.environ.get("VTP_MODE", "").strip().lower()
+    if not mode:
+        return "full" if torch.cuda.is_available() else "smoke"
+    if mode not in MODES:
+        raise ValueError(f"VTP_MODE must be one of {MODES}, got {mode!r}")
+    return mode
+
+
+def is_full() -> bool:
+    """True in the full (GPU) mode."""
+    return run_mode() == "full"
+
+
+def default_device() -> torch.device:
+    """The first CUDA device if present, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def device_name(device=None) -> str:
+    """Human-readable name of ``device`` (GPU model or CPU) for results and notebook outputs."""
+    device = torch.device(device) if device is not None else default_device()
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({os.cpu_count()} cores)"
+
+
+def progress(iterable=None, **kwargs):
+    """``tqdm.auto`` progress bar, disabled when ``VTP_PROGRESS=0``."""
+    disable = os.environ.get("VTP_PROGRESS", "1").strip() in ("0", "false", "no", "off")
+    return tqdm(iterable, disable=disable or kwargs.pop("disable", False), **kwargs)
