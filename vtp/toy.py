@@ -1,0 +1,331 @@
+r"""Toy problems for the theory lessons: small enough to enumerate or to train in seconds on a CPU.
+
+* :class:`MaskObjective` (lesson 01): :math:`N` independent keep decisions
+  :math:`m_i \sim \text{Bernoulli}(\sigma(\theta_i))` and a loss :math:`f(m)` whose expected value
+  :math:`\mathbb{E}_{m}[f(m)] = \sum_{m \in \{0,1\}^N} \prod_i p_i^{m_i}(1-p_i)^{1-m_i} f(m)` is computed
+  exactly by enumerating the :math:`2^N` masks, so every gradient estimator can be compared with the truth.
+* :func:`gumbel_max_sample`, :func:`chi_square_test` (lesson 01): the Gumbel-max trick and a
+  goodness-of-fit test written with ``torch.special.gammaincc`` (no SciPy).
+* :func:`importance_batch`, :func:`train_importance_pruner` (lesson 03): a :class:`vtp.GumbelVisionPruner`
+  trained on random tokens whose "importance" is partly predictable from their features, with the
+  sparsity terms of :class:`vtp.PruningLoss`.
+* :class:`SelectionTask`, :func:`train_selection` (lesson 04): a sequence in which only :math:`K` of
+  :math:`N` tokens carry the signal; free keep logits learn which tokens to keep.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .gumbel import check_tau, sample_keep_mask
+from .losses import DualAscentController, PruningLoss, visual_keep_ratio
+from .pruner import GumbelVisionPruner, check_ratio
+
+__all__ = [
+    "ESTIMATORS", "MaskObjective", "bias_variance", "gumbel_max_sample", "chi_square_test",
+    "importance_batch", "train_importance_pruner", "SelectionTask", "train_selection",
+]
+
+ESTIMATORS = ("reinforce", "ste", "gumbel_soft", "gumbel_hard")
+
+
+def _two_class(theta: torch.Tensor) -> torch.Tensor:
+    """``[drop, keep]`` logits ``[..., 2] = [0, θ]`` for keep logits θ (so ``p_keep = σ(θ)``)."""
+    return torch.stack([torch.zeros_like(theta), theta], dim=-1)
+
+
+# --------------------------------------------------------------------------------------------- lesson 01
+class MaskObjective:
+    r"""Loss of a linear read-out of the kept tokens: :math:`f(m) = -\log\sigma(w \cdot m - b)`.
+
+    A stand-in for "the model's loss given which tokens survived": smooth and non-linear in :math:`m`,
+    so relaxed estimators (which evaluate :math:`f` or its gradient away from :math:`\{0,1\}^N`) are
+    biased. ``N = len(weights) <= 16`` so that the :math:`2^N` masks can be enumerated.
+    """
+
+    def __init__(self, weights, bias: float = 1.5):
+        w = torch.as_tensor(weights, dtype=torch.float32)
+        if w.dim() != 1 or not (1 <= w.numel() <= 16):
+            raise ValueError(f"weights must be a 1-D tensor of 1 to 16 values, got shape {tuple(w.shape)}")
+        self.w, self.b = w, float(bias)
+
+    @property
+    def n(self) -> int:
+        return self.w.numel()
+
+    def loss(self, mask: torch.Tensor) -> torch.Tensor:
+        """:math:`f(m)` for masks ``[..., N]`` (0/1 or relaxed); shape ``[...]``."""
+        return F.softplus(self.b - (mask * self.w).sum(-1))
+
+    def all_masks(self) -> torch.Tensor:
+        """The :math:`2^N` binary masks, ``[2^N, N]``."""
+        return torch.tensor(list(itertools.product([0.0, 1.0], repeat=self.n)))
+
+    def _check_theta(self, theta):
+        if theta.shape != (self.n,):
+            raise ValueError(f"theta must have shape ({self.n},), got {tuple(theta.shape)}")
+
+    def expected_loss(self, theta: torch.Tensor) -> torch.Tensor:
+        r"""Exact :math:`\mathbb{E}[f(m)]` with :math:`p = \sigma(\theta)`, by enumeration (differentiable)."""
+        self._check_theta(theta)
+        masks, p = self.all_masks(), torch.sigmoid(theta)
+        prob = (masks * p + (1 - masks) * (1 - p)).prod(-1)
+        return (prob * self.loss(masks)).sum()
+
+    def exact_gradient(self, theta: torch.Tensor) -> torch.Tensor:
+        r""":math:`\nabla_\theta \mathbb{E}[f(m)]` by autograd through the enumeration."""
+        theta = theta.detach().clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(self.expected_loss(theta), theta)
+        return grad
+
+    def sample_gradients(self, theta: torch.Tensor, estimator: str, n_samples: int, tau: float = 1.0):
+        r"""``n_samples`` independent single-sample gradient estimates, ``[n_samples, N]``.
+
+        * ``"reinforce"`` (score function): :math:`f(m)\,\nabla_\theta \log p(m) = f(m)\,(m - p)`.
+        * ``"ste"`` (deterministic straight-through threshold, Bengio et al. 2013): forward
+          :math:`m = 1[p > 0.5]`, backward as if :math:`m = p`: :math:`\nabla_m f\,\sigma'(\theta)`.
+        * ``"gumbel_soft"``: :math:`\nabla_\theta f(y)` at the relaxed sample ``sample_keep_mask(hard=False)``.
+        * ``"gumbel_hard"``: :math:`f` at the hard sample, gradient of the relaxed one (straight-through).
+
+        Draws from the global RNG (``F.gumbel_softmax`` takes no generator): seed with ``torch.manual_seed``.
+        """
+        self._check_theta(theta)
+        if estimator not in ESTIMATORS:
+            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+        if not isinstance(n_samples, int) or n_samples < 1:
+            raise ValueError(f"n_samples must be an int >= 1, got {n_samples!r}")
+        tau = check_tau(tau)
+        t = theta.detach().expand(n_samples, self.n).clone().requires_grad_(True)
+        p = torch.sigmoid(t)
+        if estimator == "reinforce":
+            m = torch.bernoulli(p.detach())
+            return (self.loss(m).unsqueeze(-1) * (m - p)).detach()
+        if estimator == "ste":
+            m = (p > 0.5).float() - p.detach() + p
+        else:
+            m = sample_keep_mask(_two_class(t), tau, hard=estimator == "gumbel_hard")
+        (grad,) = torch.autograd.grad(self.loss(m).sum(), t)  # samples are independent rows
+        return grad
+
+
+def bias_variance(grads: torch.Tensor, exact: torch.Tensor) -> dict:
+    r"""Bias and variance of a gradient estimator from samples ``grads [S, N]``, relative to ``exact [N]``.
+
+    * ``bias`` :math:`= \|\bar g - \nabla\| / \|\nabla\|` (includes Monte-Carlo noise ``bias_se``);
+    * ``bias_se`` :math:`= \sqrt{\operatorname{tr}\hat\Sigma / S} / \|\nabla\|` (noise floor of ``bias``);
+    * ``variance`` :math:`= \operatorname{tr}\hat\Sigma / \|\nabla\|^2` (one sample; an average of B samples
+      divides it by B);
+    * ``max_z`` = largest per-coordinate :math:`|\bar g_i - \nabla_i| / \text{SE}_i` (unbiased: small).
+    """
+    if grads.dim() != 2 or grads.shape[1:] != exact.shape or grads.shape[0] < 2:
+        raise ValueError(f"grads must have shape (samples >= 2, {exact.numel()}), got {tuple(grads.shape)}")
+    s, scale = grads.shape[0], exact.norm()
+    mean, var = grads.mean(0), grads.var(0)
+    se = (var / s).sqrt()
+    z = ((mean - exact).abs() / se.clamp_min(1e-12)).where(se > 0, torch.zeros_like(se))
+    return dict(bias=float((mean - exact).norm() / scale), bias_se=float((var.sum() / s).sqrt() / scale),
+                variance=float(var.sum() / scale**2), max_z=float(z.max()))
+
+
+def gumbel_max_sample(logits: torch.Tensor, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    r"""``n`` categorical samples :math:`\arg\max_k (l_k + g_k)`, :math:`g_k = -\log(-\log u_k)`.
+
+    ``u`` is kept inside :math:`[\text{tiny}, 1)` so that :math:`g` is finite. Law: softmax(l).
+    """
+    if logits.dim() != 1:
+        raise ValueError(f"logits must be 1-D (categories), got shape {tuple(logits.shape)}")
+    u = torch.rand(n, logits.numel(), generator=generator).clamp_min(torch.finfo(torch.float32).tiny)
+    return (logits - torch.log(-torch.log(u))).argmax(-1)
+
+
+def chi_square_test(counts: torch.Tensor, probs: torch.Tensor) -> tuple[float, int, float]:
+    r"""Pearson goodness of fit :math:`X^2 = \sum_k (O_k - E_k)^2 / E_k`, :math:`E_k = n\,p_k`.
+
+    Returns ``(X^2, dof, p_value)`` with ``dof = K - 1`` and the :math:`\chi^2` survival function
+    :math:`P(\chi^2_{k} > x) = Q(k/2, x/2)` = ``torch.special.gammaincc``.
+    """
+    counts, probs = counts.double(), probs.double()
+    if counts.shape != probs.shape or counts.dim() != 1 or counts.numel() < 2:
+        raise ValueError(f"counts and probs must be 1-D of the same length >= 2, got {tuple(counts.shape)}, "
+                         f"{tuple(probs.shape)}")
+    if not torch.isclose(probs.sum(), torch.tensor(1.0, dtype=torch.float64)) or (probs <= 0).any():
+        raise ValueError("probs must be positive and sum to 1")
+    expected = counts.sum() * probs
+    stat = float(((counts - expected) ** 2 / expected).sum())
+    dof = counts.numel() - 1
+    p_value = float(torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64),
+                                            torch.tensor(stat / 2, dtype=torch.float64)))
+    return stat, dof, p_value
+
+
+# --------------------------------------------------------------------------------------------- lesson 03
+def importance_batch(direction: torch.Tensor, batch: int, tokens: int, noise: float = 1.0,
+                     generator: torch.Generator | None = None):
+    r"""Random tokens ``x [B, N, d] ~ N(0, 1)`` and their importance
+    :math:`u = \operatorname{relu}(x \cdot w^* / \sqrt d + \text{noise}\cdot\varepsilon)`, ``[B, N]``.
+
+    ``noise`` is the part of the importance a scorer cannot see in the features (0 = fully predictable).
+    """
+    d = direction.numel()
+    x = torch.randn(batch, tokens, d, generator=generator)
+    u = torch.relu(x @ direction / math.sqrt(d) + noise * torch.randn(batch, tokens, generator=generator))
+    return x, u
+
+
+def train_importance_pruner(direction: torch.Tensor, target_ratio: float = 0.25, sparsity: str = "ratio",
+                            sparsity_weight: float = 20.0, binarize_weight: float = 0.0, text_tokens: int = 0,
+                            visual_only: bool = True, dual_lr: float | None = None, noise: float = 1.0,
+                            steps: int = 300, batch: int = 32, tokens: int = 64, lr: float = 1e-2,
+                            tau: float = 1.0, seed: int = 0):
+    r"""Train a :class:`vtp.GumbelVisionPruner` on :func:`importance_batch` tokens; return ``(pruner, ratios)``.
+
+    Task surrogate: the importance lost by dropping, :math:`\frac1{BN}\sum u\,(1 - m)` with the hard Gumbel
+    mask :math:`m`. Sparsity: the ``sparsity`` / ``binarize`` terms of :class:`vtp.PruningLoss` (its CE is
+    a constant here: the toy has no language model). ``text_tokens`` always-kept tokens are appended to the
+    keep probabilities; ``visual_only=False`` forgets the ``visual_mask`` (the pitfall). ``dual_lr`` replaces
+    the fixed weight by a :class:`vtp.DualAscentController`. ``ratios`` = per-step visual keep ratio.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    pruner = GumbelVisionPruner(direction.numel(), reduction=1).train()
+    opt = torch.optim.Adam(pruner.parameters(), lr=lr)
+    loss_fn = PruningLoss(target_ratio, distill_weight=0.0, sparsity_weight=0.0 if dual_lr else sparsity_weight,
+                          sparsity=sparsity, binarize_weight=binarize_weight, shift_labels=False)
+    controller = DualAscentController(target_ratio, lr=dual_lr) if dual_lr else None
+    const_logits, const_labels = torch.zeros(1, 1, 2), torch.zeros(1, 1, dtype=torch.long)
+    visual = torch.cat([torch.ones(batch, tokens), torch.zeros(batch, text_tokens)], 1).bool()
+    ratios = []
+    for _ in range(steps):
+        x, u = importance_batch(direction, batch, tokens, noise, gen)
+        out = pruner(x, tau=tau)
+        task = (u * (1 - out.mask)).mean()
+        keep_prob = torch.cat([out.keep_prob, torch.ones(batch, text_tokens)], 1)
+        extra, _ = loss_fn(const_logits, const_labels, keep_prob, visual_mask=visual if visual_only else None)
+        loss = task + extra
+        visual_ratio = visual_keep_ratio(out.keep_prob)
+        if controller is not None:
+            loss = loss + controller.penalty(visual_ratio)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if controller is not None:
+            controller.update(visual_ratio.detach())
+        ratios.append(float(visual_ratio.detach().mean()))
+    return pruner.eval(), ratios
+
+
+# --------------------------------------------------------------------------------------------- lesson 04
+@dataclass
+class SelectionTask:
+    r"""``n_tokens`` tokens with values :math:`v \sim N(0, 1)`; the target is
+    :math:`y = \sum_{i < K} c_i v_i + \text{noise}\cdot\varepsilon`: only the first ``K = len(signal)``
+    tokens carry signal. Free keep logits start at :math:`N(0, \text{init\_std}^2)`, except the signal
+    tokens listed in ``low_start``, which start at ``low_logit`` (important tokens that look unimportant).
+    """
+
+    n_tokens: int = 64
+    signal: tuple = (1.0, 1.0, 0.5, 0.5)
+    low_start: tuple = (2, 3)
+    low_logit: float = -3.0
+    init_std: float = 1.0
+    noise: float = 1.0
+
+    def __post_init__(self):
+        k = len(self.signal)
+        if not (1 <= k < self.n_tokens):
+            raise ValueError(f"signal must have 1 to n_tokens - 1 = {self.n_tokens - 1} entries, got {k}")
+        if any(not (0 <= i < k) for i in self.low_start):
+            raise ValueError(f"low_start must index signal tokens in [0, {k}), got {self.low_start}")
+
+    @property
+    def k(self) -> int:
+        return len(self.signal)
+
+    def init_logits(self, runs: int, generator: torch.Generator) -> torch.Tensor:
+        theta = self.init_std * torch.randn(runs, self.n_tokens, generator=generator)
+        theta[:, list(self.low_start)] = self.low_logit
+        return theta
+
+    def batch(self, runs: int, size: int, generator: torch.Generator):
+        """Values ``v [runs, size, N]`` and targets ``y [runs, size]``."""
+        v = torch.randn(runs, size, self.n_tokens, generator=generator)
+        c = torch.tensor(self.signal)
+        y = (v[..., : self.k] * c).sum(-1) + self.noise * torch.randn(runs, size, generator=generator)
+        return v, y
+
+
+@dataclass
+class SelectionRun:
+    """History and final state of :func:`train_selection` (``runs`` independent runs in parallel)."""
+
+    keep_prob: torch.Tensor  # [steps + 1, runs, N] keep probabilities after each step (row 0 = init)
+    flip_rate: torch.Tensor  # [steps] fraction of sampled mask entries that changed since the last step
+    tau: list  # temperature used at each step (nan for the deterministic STE)
+    readout: torch.Tensor  # [runs, N] learned read-out weights
+    metrics: dict = field(default_factory=dict)
+
+
+def train_selection(task: SelectionTask, tau: float | Callable[[int], float] | None = 1.0, steps: int = 200,
+                    runs: int = 32, batch: int = 16, lr: float = 0.05, sparsity_weight: float = 2.0,
+                    seed: int = 0) -> SelectionRun:
+    r"""Learn keep logits :math:`\theta` and a read-out :math:`a` (init 0) with
+    :math:`\hat y = \sum_i m_i a_i v_i`, loss :math:`(\hat y - y)^2 + w_s(\bar p - K/N)^2`, Adam.
+
+    ``tau``: a number (fixed), a callable ``step -> tau`` (schedule) or ``None`` for the deterministic
+    straight-through threshold :math:`m = 1[p > 0.5]` (no noise). A dropped token's read-out gets no
+    gradient (:math:`m_i = 0`), so without sampling it never learns to use the token.
+    """
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    theta = task.init_logits(runs, gen).requires_grad_(True)
+    readout = torch.zeros(runs, task.n_tokens, requires_grad=True)
+    opt = torch.optim.Adam([theta, readout], lr=lr)
+    rho = task.k / task.n_tokens
+    probs, flips, taus, prev = [torch.sigmoid(theta.detach())], [], [], None
+    for step in range(steps):
+        v, y = task.batch(runs, batch, gen)
+        if tau is None:
+            p = torch.sigmoid(theta).unsqueeze(1).expand(-1, batch, -1)
+            mask, t = (p > 0.5).float() - p.detach() + p, float("nan")
+        else:
+            t = check_tau(tau(step) if callable(tau) else tau)
+            mask = sample_keep_mask(_two_class(theta).unsqueeze(1).expand(-1, batch, -1, -1), t)
+        pred = (mask * readout.unsqueeze(1) * v).sum(-1)
+        loss = ((pred - y) ** 2).mean() + sparsity_weight * ((torch.sigmoid(theta).mean(-1) - rho) ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        m = mask.detach()
+        flips.append(float((m != prev).float().mean()) if prev is not None else float("nan"))
+        prev, taus = m, taus + [t]
+        probs.append(torch.sigmoid(theta.detach()))
+    run = SelectionRun(torch.stack(probs), torch.tensor(flips), taus, readout.detach())
+    run.metrics = selection_metrics(task, run, gen)
+    return run
+
+
+def selection_metrics(task: SelectionTask, run: SelectionRun, generator: torch.Generator) -> dict:
+    """Final selection quality (means over runs): ``top_k_accuracy`` = share of the K signal tokens in the
+    top-K, ``recovered`` = share of ``low_start`` tokens in the top-K, ``threshold_exact`` = share of runs
+    whose ``p > 0.5`` set is exactly the signal set, ``flip_rate``, ``keep_prob`` (mean), ``test_mse`` of the
+    top-K mask with the learned read-out (the noise floor is ``noise**2``)."""
+    p = run.keep_prob[-1]
+    k = task.k
+    top = torch.zeros_like(p).scatter_(-1, p.topk(k, -1).indices, 1.0)
+    signal = torch.zeros(task.n_tokens)
+    signal[:k] = 1.0
+    low = list(task.low_start)
+    v, y = task.batch(p.shape[0], 1024, generator)
+    mse = ((top.unsqueeze(1) * run.readout.unsqueeze(1) * v).sum(-1) - y).pow(2).mean()
+    return dict(top_k_accuracy=float((top * signal).sum(-1).mean() / k),
+                recovered=float(top[:, low].mean()) if low else float("nan"),
+                threshold_exact=float(((p > 0.5).float() == signal).all(-1).float().mean()),
+                flip_rate=float(run.flip_rate[1:].mean()) if len(run.flip_rate) > 1 else float("nan"),
+                keep_prob=float(p.mean()), test_mse=float(mse))
