@@ -139,3 +139,17 @@ def test_bad_forward_arguments():
     for bad in (0.0, -0.1, 1.01, float("nan")):
         with pytest.raises(ValueError, match="ratio"):
             pruner(torch.randn(2, 5, 8), rule="topk", ratio=bad)
+
+
+def test_lesson_samplers():
+    torch.manual_seed(0)
+    x = torch.randn(4, 30, 16)
+    soft = GumbelVisionPruner(16, sampler="soft").train()(x, tau=1.0).mask
+    assert ((soft > 0) & (soft < 1)).float().mean() > 0.9  # relaxed values, not 0/1
+    ste = GumbelVisionPruner(16, sampler="ste").train()
+    out = ste(x)
+    assert torch.equal(out.mask, (out.keep_prob > 0.5).float())  # deterministic: no exploration
+    one = GumbelVisionPruner(16, sampler="one_gumbel").train()(x, tau=1.0).mask
+    assert set(one.unique().tolist()) <= {0.0, 1.0}
+    with pytest.raises(ValueError, match="sampler"):
+        GumbelVisionPruner(16, sampler="bernoulli")

@@ -4,7 +4,10 @@ Scorer (the seed design): :math:`\text{Linear}(d, d/4) \to \text{ReLU} \to \text
 logits :math:`[l_\text{drop}, l_\text{keep}]` per token and :math:`p_\text{keep} = \operatorname{softmax}(l)_1`.
 
 * **train mode**: a hard Gumbel-softmax sample (exact 0/1 forward, straight-through backward),
-  :math:`E[\text{mask}] = p_\text{keep}`.
+  :math:`E[\text{mask}] = p_\text{keep}`. ``sampler`` selects the alternatives that the lessons measure:
+  ``"soft"`` (``hard=False``: masks in (0, 1) that inference cannot reproduce), ``"one_gumbel"`` (the
+  biased one-Gumbel sigmoid), ``"ste"`` (deterministic :math:`p > 0.5` with a straight-through gradient,
+  no exploration).
 * **eval mode**: deterministic, no noise. ``rule="threshold"`` keeps :math:`p_\text{keep} > 0.5`;
   ``rule="topk"`` keeps the :math:`k = \max(\text{min\_keep}, \operatorname{round}(\text{ratio}\cdot N))`
   most probable of the :math:`N` valid tokens. Either way at least ``min_keep`` tokens survive per sample.
@@ -16,11 +19,12 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .gumbel import check_tau, keep_probability, sample_keep_mask
+from .gumbel import check_tau, keep_probability, one_gumbel_sigmoid, sample_keep_mask
 
 __all__ = ["PrunerOutput", "GumbelVisionPruner", "check_ratio", "topk_keep_mask", "threshold_keep_mask"]
 
 RULES = ("threshold", "topk")
+SAMPLERS = ("gumbel", "soft", "one_gumbel", "ste")
 
 
 class PrunerOutput(NamedTuple):
@@ -98,6 +102,7 @@ class GumbelVisionPruner(nn.Module):
         min_keep: at least this many tokens per sample in eval mode (>= 1).
         tau: default Gumbel-softmax temperature (training sets it each step).
         keep_bias: initial bias of the keep logit minus the drop logit (0 = start at p_keep = 0.5).
+        sampler: train-mode mask, ``"gumbel"`` (default, the method) or a lesson variant (module docstring).
     """
 
     def __init__(
@@ -110,6 +115,7 @@ class GumbelVisionPruner(nn.Module):
         min_keep: int = 1,
         tau: float = 1.0,
         keep_bias: float = 0.0,
+        sampler: str = "gumbel",
     ):
         super().__init__()
         if not isinstance(hidden_dim, int) or hidden_dim < 1:
@@ -118,11 +124,13 @@ class GumbelVisionPruner(nn.Module):
             raise ValueError(f"reduction must be an int in [1, hidden_dim={hidden_dim}], got {reduction!r}")
         if rule not in RULES:
             raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
         if not isinstance(min_keep, int) or min_keep < 1:
             raise ValueError(f"min_keep must be an int >= 1, got {min_keep!r}")
         if not (0.0 < float(threshold) < 1.0):
             raise ValueError(f"threshold must be in (0, 1), got {threshold}")
-        self.hidden_dim, self.rule, self.min_keep = hidden_dim, rule, min_keep
+        self.hidden_dim, self.rule, self.min_keep, self.sampler = hidden_dim, rule, min_keep, sampler
         self.ratio, self.threshold, self.tau = check_ratio(ratio), float(threshold), check_tau(tau)
         inner = hidden_dim // reduction
         self.scorer = nn.Sequential(nn.Linear(hidden_dim, inner), nn.ReLU(), nn.Linear(inner, 2))
@@ -144,7 +152,7 @@ class GumbelVisionPruner(nn.Module):
         keep_prob = keep_probability(logits)
         valid = _valid(keep_prob, valid_mask)
         if self.training:
-            mask = sample_keep_mask(logits, self.tau if tau is None else tau, hard=True) * valid.float()
+            mask = self._sample(logits, keep_prob, self.tau if tau is None else tau) * valid.float()
         else:
             rule = self.rule if rule is None else rule
             if rule == "topk":
@@ -154,3 +162,12 @@ class GumbelVisionPruner(nn.Module):
             else:
                 raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
         return PrunerOutput(mask, logits, keep_prob)
+
+    def _sample(self, logits, keep_prob, tau):
+        if self.sampler == "gumbel":
+            return sample_keep_mask(logits, tau, hard=True)
+        if self.sampler == "soft":
+            return sample_keep_mask(logits, tau, hard=False)
+        if self.sampler == "one_gumbel":
+            return one_gumbel_sigmoid(logits[..., 1].float() - logits[..., 0].float(), tau, hard=True)
+        return (keep_prob > 0.5).float() - keep_prob.detach() + keep_prob  # "ste"
