@@ -1,0 +1,164 @@
+"""Tests of vtp.benchmark: the FLOPs model, the pruned prefill path and its inputs (CPU, tiny shapes)."""
+import json
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import AutoModelForCausalLM
+
+from vtp import GumbelVisionPruner
+from vtp.benchmark import (BenchConfig, KVCache, PrunedPrefill, build_lm, kept_tokens, kv_cache_bytes,
+                           lm_config, main, prefill, prefill_flops, reference_removal, run_layers,
+                           speedup_bound, time_ms)
+
+SHAPE = dict(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+             intermediate_size=16, vocab_size=10)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    config = lm_config("tiny")
+    model = build_lm(config, "cpu", torch.float32, seed=0)
+    torch.manual_seed(1)
+    pruner = GumbelVisionPruner(config.hidden_size, rule="topk").eval()
+    return config, model, pruner
+
+
+def _embeds(B, L, d, seed=2):
+    return torch.randn(B, L, d, generator=torch.Generator().manual_seed(seed))
+
+
+def test_flops_model_hand_checked():
+    c = lm_config(SHAPE)
+    # L = 4, B = 1: projections 2*4*(2*64 + 2*64) = 2048; causal attention 4*8*(4*5/2) = 320;
+    # MLP 2*4*3*8*16 = 3072; logits of the last token 2*8*10 = 160.
+    f = prefill_flops(c, 4)
+    assert (f["proj"], f["attention"], f["mlp"], f["lm_head"], f["total"]) == (2048, 320, 3072, 160, 5600)
+    assert prefill_flops(c, 4, causal=False)["attention"] == 4 * 8 * 16
+    assert prefill_flops(c, 4, batch=3)["total"] == 3 * 5600
+    gqa = lm_config({**SHAPE, "num_key_value_heads": 1})  # K, V projections shrink to width 4
+    assert prefill_flops(gqa, 4)["proj"] == 2 * 4 * (2 * 64 + 2 * 8 * 4)
+
+
+def test_flops_model_matches_flop_counter():
+    """Matrix-product FLOPs counted by torch (eager attention computes the full L x L scores)."""
+    config = lm_config("tiny")
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    x = _embeds(2, 10, config.hidden_size)
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        model.lm_head(model.model(inputs_embeds=x, use_cache=False).last_hidden_state[:, -1])
+    assert fc.get_total_flops() == prefill_flops(config, 10, batch=2, causal=False)["total"]
+
+
+def test_speedup_bound_reproduces_reference_and_orders():
+    c = lm_config("llava-7b")
+    # The issue's reference: 640 -> 208 tokens gives a 3.13x bound with full (non-causal) attention FLOPs.
+    assert speedup_bound(c, 0.25, causal=False, with_pruner=False) == pytest.approx(3.13, abs=0.005)
+    bounds = [speedup_bound(c, r) for r in (1.0, 0.5, 0.25, 0.11)]
+    assert bounds[0] < 1.0 < bounds[1] < bounds[2] < bounds[3]  # ratio 1 pays the pruner for nothing
+
+
+def test_kept_tokens_match_the_pruner(tiny):
+    config, _, pruner = tiny
+    tokens = _embeds(3, 576, config.hidden_size)
+    for ratio, expected in [(1.0, 576), (0.5, 288), (0.25, 144), (0.11, 63), (0.1111, 64), (0.001, 1)]:
+        assert kept_tokens(ratio, 576) == expected
+        counts = pruner(tokens, rule="topk", ratio=ratio).mask.sum(-1)
+        assert counts.tolist() == [expected] * 3
+
+
+@pytest.mark.parametrize("ratio", [1.0, 0.5, 0.25, 0.11])
+def test_pruned_path_keeps_exact_counts(tiny, ratio):
+    config, model, pruner = tiny
+    embeds = _embeds(2, 640, config.hidden_size)
+    run = PrunedPrefill(model, pruner, embeds, n_visual=576, text_before=16, ratio=ratio)
+    removed = run.select_and_remove()
+    k = 64 + round(ratio * 576)
+    assert removed.lengths.tolist() == [k, k] and run.seq_len == k
+    # text tokens always survive, visual ones up to the budget
+    assert bool((removed.index < 16).sum(-1).eq(16).all()) and bool((removed.index >= 592).sum(-1).eq(48).all())
+    with torch.no_grad():
+        hidden, logits = run()
+    assert hidden.shape == (2, k, config.hidden_size) and logits.shape == (2, config.vocab_size)
+    assert run.cache.nbytes() == kv_cache_bytes(config, k, 2, torch.float32)
+
+
+def test_pruned_prefill_equals_reference_removal(tiny):
+    config, model, pruner = tiny
+    B, n_vis, before, n_text = 2, 40, 3, 8
+    embeds = _embeds(B, n_vis + n_text, config.hidden_size, seed=5)
+    run = PrunedPrefill(model, pruner, embeds, n_visual=n_vis, text_before=before, ratio=0.25)
+    with torch.no_grad():
+        hidden, logits = run()
+        # independent selection: torch.topk of the keep probabilities, in original order
+        prob = pruner(embeds[:, before:before + n_vis]).keep_prob
+        vis = prob.topk(10, dim=-1).indices.sort(-1).values + before
+        text = torch.tensor(list(range(before)) + list(range(before + n_vis, n_vis + n_text))).expand(B, -1)
+        index = torch.cat([text[:, :before], vis, text[:, before:]], dim=1)
+        ref = reference_removal(model, embeds, index)
+        # and masking = removal: the full sequence with the dropped keys masked, read at the kept positions
+        keep = torch.zeros(B, n_vis + n_text, dtype=torch.long).scatter_(1, index, 1)
+        masked = model.model(inputs_embeds=embeds, attention_mask=keep, use_cache=False).last_hidden_state
+    torch.testing.assert_close(hidden, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(hidden, masked.gather(1, index.unsqueeze(-1).expand_as(ref)), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits, model.lm_head(ref[:, -1]), rtol=1e-5, atol=1e-5)
+
+
+def test_full_prefill_and_cached_step_equal_hf_forward(tiny):
+    config, model, _ = tiny
+    embeds = _embeds(2, 12, config.hidden_size, seed=7)
+    pos = torch.arange(12).expand(2, 12)
+    cache = KVCache(config, 2, 13, dtype=torch.float32)
+    with torch.no_grad():
+        hidden, _ = prefill(model, embeds, pos, cache)
+        new = _embeds(2, 1, config.hidden_size, seed=8)
+        step = run_layers(model, new, torch.full((2, 1), 12), cache)
+        ref = model.model(inputs_embeds=torch.cat([embeds, new], 1), use_cache=False).last_hidden_state
+    torch.testing.assert_close(hidden, ref[:, :12], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(step[:, 0], ref[:, 12], rtol=1e-5, atol=1e-5)
+    assert cache.length == 13 and cache.nbytes() == kv_cache_bytes(config, 13, 2, torch.float32)
+    with pytest.raises(ValueError, match="capacity"):
+        run_layers(model, new, torch.full((2, 1), 13), cache)
+
+
+def test_bad_inputs_raise_naming_the_argument(tiny):
+    config, model, pruner = tiny
+    for ratio in (0, 1.5, "x"):
+        with pytest.raises(ValueError, match="ratio"):
+            kept_tokens(ratio)
+    with pytest.raises(ValueError, match="n_visual"):
+        kept_tokens(0.5, n_visual=0)
+    with pytest.raises(ValueError, match="seq_len"):
+        prefill_flops(config, 0)
+    with pytest.raises(ValueError, match="batch"):
+        prefill_flops(config, 4, batch=0)
+    with pytest.raises(ValueError, match="shape"):
+        lm_config("llava-70b")
+    embeds = _embeds(1, 20, config.hidden_size)
+    with pytest.raises(ValueError, match="ratio"):
+        PrunedPrefill(model, pruner, embeds, n_visual=10, ratio=0.0)
+    with pytest.raises(ValueError, match="n_visual"):
+        PrunedPrefill(model, pruner, embeds, n_visual=20, ratio=0.5)
+    with pytest.raises(ValueError, match="text_before"):
+        PrunedPrefill(model, pruner, embeds, n_visual=10, text_before=11, ratio=0.5)
+    with pytest.raises(ValueError, match="repeats"):
+        time_ms(lambda: None, repeats=0, device="cpu")
+    bad = [dict(batches=(0,)), dict(batches=()), dict(ratios=(1.2,)), dict(text_before=64), dict(n_text=0),
+           dict(warmup=-1), dict(dtype="int8"), dict(shape="huge")]
+    for kw, name in zip(bad, ["batches", "batches", "ratios", "text_before", "n_text", "warmup", "dtype", "shape"]):
+        with pytest.raises(ValueError, match=name):
+            BenchConfig.smoke(**kw).validate()
+
+
+def test_cli_smoke_writes_json(tmp_path):
+    out = tmp_path / "speed.json"
+    res = main(["--smoke", "--batches", "2", "--ratios", "1", "0.25", "--repeats", "2", "--warmup", "0",
+                "--device", "cpu", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["device"] == res["device"] and len(saved["prefill"]) == 2
+    row = saved["prefill"][1]
+    assert row["visual_kept"] == 144 and row["seq_len"] == 208 and row["method"] == "eager"
+    assert row["speedup"] == pytest.approx(row["full_ms"] / row["pruned_ms"])
+    assert row["kv_cache_mb_pruned"] / row["kv_cache_mb_full"] == pytest.approx(208 / 640)
+    assert [d["cache_len"] for d in saved["decode"]] == [640, 208]
+    assert {g["goal"] for g in saved["goals"]} == {"pruner overhead / pruned prefill, batch 2 (worst ratio)"}

@@ -1,0 +1,525 @@
+r"""Inference speed of pruned prefill, measured against a FLOPs model (accuracy lives in :mod:`vtp.evaluate`;
+speed is kept here so that each module stays small).
+
+The language model is a transformers ``LlamaForCausalLM`` built from a config (random weights), shaped like
+LLaVA-1.5-7B's by default, fed ``n_visual`` visual tokens inside ``n_text`` text tokens. The **pruned** path
+is the real inference path, its cost included: :class:`~vtp.GumbelVisionPruner` scores the visual tokens
+(eval, top-k), :func:`vtp.attention.remove_tokens` removes the dropped ones keeping the ORIGINAL position
+ids, and the shorter sequence goes through the model.
+
+**FLOPs model** (a multiply-add = 2 FLOPs), batch :math:`B`, length :math:`L`, width :math:`d`, MLP width
+:math:`f`, key/value width :math:`d_{kv}`, per decoder layer
+
+.. math::
+    F_\text{proj} = 2BL(2d^2 + 2d\,d_{kv}),\quad F_\text{attn} = 4Bd\,P,\ P = \tfrac{L(L+1)}{2}
+    \text{ (causal) or } L^2,\quad F_\text{mlp} = 2BL\cdot 3df,
+
+plus :math:`2BdV` for the last token's logits; the pruner adds :math:`2BN(d^2/r + 2d/r)`. The **bound** on
+the speedup is :math:`F(L_\text{full}) / (F(L_\text{kept}) + F_\text{pruner})`.
+
+**Timing**: CUDA events after warm-up, median of ``repeats`` runs, each starting on an idle GPU. On CUDA
+both paths run as CUDA graphs (static shapes); only ``remove_tokens`` runs eagerly between the pruner's
+graph and the model's, because it reads the kept count back to size its output.
+``python -m vtp.benchmark`` (GPU: LLaVA-7B shape, writes JSON), ``python -m vtp.benchmark --smoke`` (CPU).
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from statistics import median, quantiles
+
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+from .attention import remove_tokens
+from .pruner import GumbelVisionPruner, check_ratio
+from .runtime import default_device, device_name, run_mode
+
+__all__ = ["LLAVA_7B", "TINY", "BenchConfig", "KVCache", "lm_config", "build_lm", "prefill_flops",
+           "pruner_flops", "kept_tokens", "speedup_bound", "kv_cache_bytes", "run_layers", "prefill",
+           "PrunedPrefill", "reference_removal", "time_ms", "run_benchmark", "check_goals", "format_table",
+           "main"]
+
+LLAVA_7B = dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+                intermediate_size=11008, vocab_size=32000)
+TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+            intermediate_size=128, vocab_size=256)
+SHAPES = {"llava-7b": LLAVA_7B, "tiny": TINY}
+# Keyword under which decoder layers take the cache ("cache" in newer transformers, "past_key_values" before).
+_CACHE_KW = "cache" if "cache" in inspect.signature(LlamaDecoderLayer.forward).parameters else "past_key_values"
+
+
+def _pos_int(value, name: str, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return value
+
+
+def lm_config(shape="llava-7b") -> LlamaConfig:
+    """A ``LlamaConfig`` (SDPA attention) from a shape name in ``SHAPES`` or a dict of config fields."""
+    if isinstance(shape, str):
+        if shape not in SHAPES:
+            raise ValueError(f"shape must be one of {sorted(SHAPES)} or a dict, got {shape!r}")
+        shape = SHAPES[shape]
+    return LlamaConfig(**shape, max_position_embeddings=4096, attn_implementation="sdpa")
+
+
+def build_lm(config: LlamaConfig, device=None, dtype=torch.bfloat16, seed: int = 0):
+    """Random-weight ``LlamaForCausalLM`` built directly on ``device`` in ``dtype`` (eval mode)."""
+    torch.manual_seed(seed)
+    with torch.device(device or default_device()):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------------------------- FLOPs model
+def prefill_flops(config: LlamaConfig, seq_len: int, batch: int = 1, causal: bool = True,
+                  logits_tokens: int = 1) -> dict:
+    """Prefill FLOPs by term (see the module docstring); ``per_layer`` and ``total`` included."""
+    L, B = _pos_int(seq_len, "seq_len"), _pos_int(batch, "batch")
+    d, f, V = config.hidden_size, config.intermediate_size, config.vocab_size
+    d_kv = config.num_key_value_heads * (d // config.num_attention_heads)
+    pairs = L * (L + 1) // 2 if causal else L * L
+    proj = 2 * B * L * (2 * d * d + 2 * d * d_kv)
+    attn = 4 * B * d * pairs  # Q K^T and A V: 2 FLOPs per multiply-add, d = heads x head_dim
+    mlp = 2 * B * L * 3 * d * f
+    per_layer = proj + attn + mlp
+    n = config.num_hidden_layers
+    out = dict(proj=n * proj, attention=n * attn, mlp=n * mlp, lm_head=2 * B * logits_tokens * d * V)
+    out.update(per_layer=per_layer, total=n * per_layer + out["lm_head"])
+    return out
+
+
+def pruner_flops(hidden: int, n_visual: int, batch: int = 1, reduction: int = 4) -> int:
+    """FLOPs of the pruner's scorer ``Linear(d, d/r) -> ReLU -> Linear(d/r, 2)`` on ``n_visual`` tokens."""
+    inner = hidden // reduction
+    return 2 * batch * n_visual * (hidden * inner + inner * 2)
+
+
+def kept_tokens(ratio, n_visual: int = 576, min_keep: int = 1) -> int:
+    """Visual tokens the top-k rule keeps: ``max(min_keep, round(ratio * n_visual))`` (as the pruner does)."""
+    r, n = check_ratio(ratio, "ratio"), _pos_int(n_visual, "n_visual")
+    k = int(torch.round(r * torch.tensor(float(n))))  # same float32 arithmetic as topk_keep_mask
+    return min(n, max(min_keep, k))
+
+
+def speedup_bound(config: LlamaConfig, ratio, n_visual: int = 576, n_text: int = 64, batch: int = 1,
+                  causal: bool = True, with_pruner: bool = True) -> float:
+    """FLOPs(full prefill) / (FLOPs(pruned prefill) + FLOPs(pruner)): the speedup FLOPs allow."""
+    k = kept_tokens(ratio, n_visual)
+    full = prefill_flops(config, n_visual + n_text, batch, causal)["total"]
+    pruned = prefill_flops(config, k + n_text, batch, causal)["total"]
+    extra = pruner_flops(config.hidden_size, n_visual, batch) if with_pruner else 0
+    return full / (pruned + extra)
+
+
+def kv_cache_bytes(config: LlamaConfig, seq_len: int, batch: int = 1, dtype=torch.bfloat16) -> int:
+    """Bytes of the KV cache: keys and values, every layer: ``2 * layers * B * L * d_kv * itemsize``."""
+    d_kv = config.num_key_value_heads * (config.hidden_size // config.num_attention_heads)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return 2 * config.num_hidden_layers * batch * seq_len * d_kv * itemsize
+
+
+# --------------------------------------------------------------------------------------------- forward paths
+class KVCache:
+    """Preallocated KV cache ``[B, kv_heads, capacity, head_dim]`` per layer (static addresses for graphs).
+
+    A decoder layer calls ``update(k, v, layer_idx)``: the new keys land at ``[length, length + q)`` and the
+    filled prefix is returned; :func:`run_layers` advances ``length`` once all layers have run.
+    """
+
+    def __init__(self, config: LlamaConfig, batch: int, capacity: int, device=None, dtype=torch.bfloat16):
+        hd = config.hidden_size // config.num_attention_heads
+        shape = (batch, config.num_key_value_heads, _pos_int(capacity, "capacity"), hd)
+        n = config.num_hidden_layers
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n)]
+        self.capacity, self.length = capacity, 0
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        start, end = self.length, self.length + key_states.shape[-2]
+        if end > self.capacity:
+            raise ValueError(f"KV cache capacity {self.capacity} exceeded ({end} tokens)")
+        self.keys[layer_idx][:, :, start:end].copy_(key_states)
+        self.values[layer_idx][:, :, start:end].copy_(value_states)
+        return self.keys[layer_idx][:, :, :end], self.values[layer_idx][:, :, :end]
+
+    def nbytes(self) -> int:
+        """Bytes of the filled part (``length`` tokens)."""
+        k = self.keys[0]
+        return 2 * len(self.keys) * k.shape[0] * k.shape[1] * self.length * k.shape[3] * k.element_size()
+
+
+def run_layers(model, embeds: torch.Tensor, position_ids: torch.Tensor, cache: KVCache | None = None):
+    """The decoder stack of a transformers Llama model on ``embeds`` [B, L, d] with ``position_ids`` [B, L].
+
+    Same modules as ``model.model.forward``; the attention mask is left to SDPA's ``is_causal`` (no padding:
+    the top-k budget gives every sample the same length), so the flash kernel runs, and nothing reads
+    tensors back to the host, so the whole call can be captured in a CUDA graph. Returns the final-norm
+    hidden states [B, L, d]; with a ``cache``, K/V are written into it and ``cache.length`` advances.
+    """
+    base = model.model
+    pos_emb = base.rotary_emb(embeds, position_ids)
+    h = embeds
+    for layer in base.layers:
+        h = layer(h, attention_mask=None, position_ids=position_ids, position_embeddings=pos_emb,
+                  **{_CACHE_KW: cache})
+    if cache is not None:
+        cache.length += embeds.shape[1]
+    return base.norm(h)
+
+
+def prefill(model, embeds, position_ids, cache: KVCache | None = None):
+    """Prefill: fill ``cache`` from position 0 and return (hidden [B, L, d], logits of the last token [B, V])."""
+    if cache is not None:
+        cache.length = 0
+    hidden = run_layers(model, embeds, position_ids, cache)
+    return hidden, model.lm_head(hidden[:, -1])
+
+
+class PrunedPrefill:
+    """Prefill of one batch, full or pruned, in eager mode or as CUDA graphs (``graphs=True``, CUDA only).
+
+    ``embeds`` [B, n_text + n_visual, d] holds ``text_before`` text tokens, then the visual tokens, then the
+    rest of the text. ``ratio=None`` is the unpruned baseline. Calling the object runs one prefill and
+    returns ``(hidden, logits)``; :meth:`select_and_remove` is the pruner's share of the work.
+    """
+
+    def __init__(self, model, pruner, embeds, n_visual: int, text_before: int = 0, ratio=None,
+                 graphs: bool = False):
+        B, L, _ = embeds.shape
+        if not 1 <= n_visual < L:
+            raise ValueError(f"n_visual must be in [1, {L - 1}] (sequence length {L}), got {n_visual}")
+        if not 0 <= text_before <= L - n_visual:
+            raise ValueError(f"text_before must be in [0, {L - n_visual}], got {text_before}")
+        self.model, self.pruner, self.embeds = model, pruner, embeds
+        self.ratio = None if ratio is None else check_ratio(ratio)
+        self.vis = slice(text_before, text_before + n_visual)
+        self.positions = torch.arange(L, device=embeds.device).expand(B, L)
+        self.graphs = graphs and embeds.is_cuda
+        k = L if ratio is None else L - n_visual + kept_tokens(ratio, n_visual, pruner.min_keep)
+        self.seq_len = k
+        self.cache = KVCache(model.config, B, k + 1, embeds.device, embeds.dtype)  # +1: room for a decode step
+        if self.graphs:  # static inputs (any valid values for the capture), one graph for the model
+            self._in = (embeds[:, :k].clone(), self.positions[:, :k].clone())
+            if ratio is not None:  # and one for the pruner's scoring + top-k
+                self._score_graph, self._keep = _capture(self._keep_mask)
+            self._lm_graph, self._out = _capture(lambda: prefill(model, *self._in, self.cache))
+
+    def _keep_mask(self) -> torch.Tensor:
+        """Keep mask [B, L] over the whole sequence: text always kept, visual by the pruner's top-k."""
+        visual = self.pruner(self.embeds[:, self.vis], rule="topk", ratio=self.ratio).mask.bool()
+        keep = torch.ones(self.embeds.shape[:2], dtype=torch.bool, device=self.embeds.device)
+        keep[:, self.vis] = visual
+        return keep
+
+    def select_and_remove(self):
+        """Score, top-k and physically remove: returns the :class:`~vtp.attention.Removed` sequence."""
+        if self.graphs:
+            self._score_graph.replay()
+            keep = self._keep
+        else:
+            keep = self._keep_mask()
+        removed = remove_tokens(self.embeds, keep, self.positions)
+        if removed.embeds.shape[1] != self.seq_len:
+            raise RuntimeError(f"expected {self.seq_len} tokens after removal, got {removed.embeds.shape[1]}")
+        return removed
+
+    def __call__(self):
+        if self.ratio is None:
+            embeds, positions = self.embeds, self.positions
+        else:
+            removed = self.select_and_remove()
+            embeds, positions = removed.embeds, removed.position_ids
+        if not self.graphs:
+            return prefill(self.model, embeds, positions, self.cache)
+        if self.ratio is not None:
+            self._in[0].copy_(embeds)
+            self._in[1].copy_(positions)
+        self._lm_graph.replay()
+        return self._out
+
+
+def _capture(fn, warmup: int = 2):
+    """Warm ``fn`` up on a side stream, then capture one call in a CUDA graph; returns (graph, output)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
+def reference_removal(model, embeds, kept_index):
+    """Reference for the pruned path: plain ``model.model`` forward on ``embeds[:, kept_index]`` with the
+    original positions ``kept_index`` [B, K] and an all-ones attention mask. Returns hidden [B, K, d]."""
+    idx = kept_index.unsqueeze(-1).expand(-1, -1, embeds.shape[-1])
+    out = model.model(inputs_embeds=embeds.gather(1, idx), position_ids=kept_index,
+                      attention_mask=torch.ones_like(kept_index), use_cache=False)
+    return out.last_hidden_state
+
+
+# ------------------------------------------------------------------------------------------------- timing
+def time_ms(fn, warmup: int = 3, repeats: int = 20, device=None) -> list[float]:
+    """Times of ``repeats`` calls in ms (CUDA events on CUDA, else the host clock), after ``warmup`` calls.
+    The device is synchronized before each call, so every call starts on an idle GPU."""
+    cuda = torch.device(device or default_device()).type == "cuda"
+    for _ in range(_pos_int(warmup, "warmup", 0)):
+        fn()
+    times = []
+    for _ in range(_pos_int(repeats, "repeats")):
+        if not cuda:
+            t0 = time.perf_counter()
+            fn()
+            times.append(1e3 * (time.perf_counter() - t0))
+            continue
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return times
+
+
+def _iqr(times):
+    q = quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
+    return q[2] - q[0]
+
+
+def _rel_err(out, ref) -> float:
+    """||out - ref|| / ||ref|| in float32."""
+    return float((out.float() - ref.float()).norm() / ref.float().norm())
+
+
+def measure_roofline(device, size: int = 8192) -> dict:
+    """This GPU's two ceilings, measured: bf16 matrix product TFLOP/s and device copy GB/s (read + write)."""
+    a, b = (torch.randn(size, size, device=device, dtype=torch.bfloat16) for _ in range(2))
+    t = median(time_ms(lambda: a @ b, 3, 10, device))
+    x = torch.randn(2**28, device=device, dtype=torch.bfloat16)
+    y = torch.empty_like(x)
+    tc = median(time_ms(lambda: y.copy_(x), 3, 10, device))
+    return dict(matmul_tflops=2 * size**3 / t / 1e9, copy_gbps=2 * x.nbytes / tc / 1e6)
+
+
+# ---------------------------------------------------------------------------------------------- benchmark
+@dataclass
+class BenchConfig:
+    """What :func:`run_benchmark` measures: the lesson's GPU setting by default, ``smoke()`` a CPU minute."""
+
+    shape: str = "llava-7b"
+    batches: tuple = (1, 8, 32)
+    ratios: tuple = (1.0, 0.5, 0.25, 0.11)
+    n_visual: int = 576
+    n_text: int = 64
+    text_before: int = 16  # text tokens before the image (system prompt); the rest follow it
+    warmup: int = 5
+    repeats: int = 30
+    graphs: bool = True  # CUDA graphs on CUDA (ignored on the CPU)
+    eager_batches: tuple = (1, 8)  # batches also timed without graphs, to show the launch overhead
+    decode: bool = True
+    dtype: str = "bfloat16"
+    device: str | None = None
+    seed: int = 0
+
+    @classmethod
+    def smoke(cls, **kw):
+        base = dict(shape="tiny", batches=(1, 2), warmup=1, repeats=5, eager_batches=(), dtype="float32")
+        return cls(**{**base, **kw})
+
+    def validate(self):
+        lm_config(self.shape)
+        if not self.batches or not self.ratios:
+            raise ValueError(f"batches and ratios must not be empty, got {self.batches}, {self.ratios}")
+        for b in self.batches:
+            _pos_int(b, "batches")
+        for r in self.ratios:
+            check_ratio(r, "ratios")
+        _pos_int(self.n_visual, "n_visual")
+        _pos_int(self.n_text, "n_text")
+        if not 0 <= self.text_before < self.n_text:
+            raise ValueError(f"text_before must be in [0, n_text={self.n_text}), got {self.text_before}")
+        _pos_int(self.repeats, "repeats")
+        _pos_int(self.warmup, "warmup", 0)
+        if self.dtype not in ("bfloat16", "float16", "float32"):
+            raise ValueError(f"dtype must be bfloat16, float16 or float32, got {self.dtype!r}")
+        return self
+
+
+def _decode(run: PrunedPrefill, cfg, device) -> dict:
+    """Decode tokens/s on top of ``run``'s freshly filled cache (one greedy step, replayed)."""
+    ids = run()[1].argmax(-1, keepdim=True).clone()
+    run.cache.length = run.seq_len
+    pos = torch.full_like(ids, cfg.n_visual + cfg.n_text)  # the next ORIGINAL position, pruned or not
+    model, cache = run.model, run.cache
+
+    def step():  # one greedy step; it writes the same cache slot each time, so every step costs the same
+        hidden = run_layers(model, model.model.embed_tokens(ids), pos, cache)
+        cache.length -= 1
+        ids.copy_(model.lm_head(hidden).argmax(-1))
+
+    if run.graphs:
+        graph, _ = _capture(step)
+        step = graph.replay
+    t = median(time_ms(step, cfg.warmup, cfg.repeats, device))
+    B = ids.shape[0]
+    mb = kv_cache_bytes(run.model.config, run.seq_len, B, run.embeds.dtype) / 2**20
+    return dict(batch=B, cache_len=run.seq_len, kv_cache_mb=mb, step_ms=t, tokens_per_s=1e3 * B / t)
+
+
+def _verify(model, pruner, embeds, cfg) -> dict:
+    """Before timing: graphed == eager pruned prefill, and both == the reference removal (keep 0.25)."""
+    args = (model, pruner, embeds, cfg.n_visual, cfg.text_before, 0.25)
+    eager, graphed = PrunedPrefill(*args, graphs=False), PrunedPrefill(*args, graphs=True)
+    h_eager = eager()[0].clone()
+    graphed._out[0].fill_(float("nan"))  # poison: the replay must write every element
+    h_graph = graphed()[0].clone()
+    ref = reference_removal(model, embeds, graphed.select_and_remove().index)
+    if not bool(torch.isfinite(h_graph).all()):
+        raise RuntimeError("graphed prefill left non-finite outputs")
+    return dict(graph_vs_eager=_rel_err(h_graph, h_eager), graph_vs_reference=_rel_err(h_graph, ref))
+
+
+@torch.no_grad()
+def run_benchmark(cfg: BenchConfig | None = None, log=print) -> dict:
+    """Measure full vs pruned prefill (and decode) for every batch and keep ratio of ``cfg``; JSON-ready dict."""
+    cfg = (cfg or (BenchConfig() if run_mode() == "full" else BenchConfig.smoke())).validate()
+    device = torch.device(cfg.device) if cfg.device else default_device()
+    cuda, dtype = device.type == "cuda", getattr(torch, cfg.dtype)
+    config, t0 = lm_config(cfg.shape), time.perf_counter()
+    model = build_lm(config, device, dtype, cfg.seed)
+    pruner = GumbelVisionPruner(config.hidden_size, rule="topk").to(device, dtype).eval()
+    L = cfg.n_visual + cfg.n_text
+    weights = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "embed" not in n)
+    res = dict(device=device_name(device), torch=torch.__version__, mode=run_mode(), config=asdict(cfg),
+               model={k: getattr(config, k) for k in LLAVA_7B}, weight_bytes=weights,
+               roofline=measure_roofline(device) if cuda else None, checks={}, prefill=[], decode=[], skipped=[])
+    log(f"{res['device']}: model built in {time.perf_counter() - t0:.1f} s")
+    main_method = "graph" if cuda and cfg.graphs else "eager"
+    for B in cfg.batches:
+        embeds = torch.randn(B, L, config.hidden_size, device=device, dtype=dtype,
+                             generator=torch.Generator(device).manual_seed(cfg.seed + B))
+        if main_method == "graph" and not res["checks"]:
+            res["checks"] = _verify(model, pruner, embeds, cfg)
+            log(f"checks: {res['checks']}")
+        methods = [main_method] + (["eager"] if main_method == "graph" and B in cfg.eager_batches else [])
+        for method in methods:
+            try:
+                for r in [None, *cfg.ratios]:
+                    run = PrunedPrefill(model, pruner, embeds, cfg.n_visual, cfg.text_before, r, method == "graph")
+                    t = time_ms(run, cfg.warmup, cfg.repeats, device)
+                    if r is None:
+                        full_t = t
+                    else:
+                        over = time_ms(run.select_and_remove, cfg.warmup, cfg.repeats, device)
+                        res["prefill"].append(_row(config, cfg, res, method, B, r, full_t, t, over))
+                        log(_fmt_row(res["prefill"][-1]))
+                    if cfg.decode and method == main_method and (r is None or r < 1):
+                        res["decode"].append(_decode(run, cfg, device))
+                    del run
+                    if cuda:
+                        torch.cuda.empty_cache()
+            except torch.cuda.OutOfMemoryError:
+                res["skipped"].append(dict(batch=B, method=method, reason="out of memory"))
+                log(f"batch {B} ({method}): out of memory, skipped")
+                torch.cuda.empty_cache()
+    res["goals"], res["seconds"] = check_goals(res), time.perf_counter() - t0
+    return res
+
+
+def _row(config, cfg, res, method, B, r, full_t, t, over) -> dict:
+    L, k, dtype = cfg.n_visual + cfg.n_text, kept_tokens(r, cfg.n_visual), getattr(torch, cfg.dtype)
+    f_full = prefill_flops(config, L, B)["total"]
+    f_pruned = prefill_flops(config, k + cfg.n_text, B)["total"] + pruner_flops(config.hidden_size, cfg.n_visual, B)
+    full_ms, pruned_ms, over_ms = median(full_t), median(t), median(over)
+    bound = speedup_bound(config, r, cfg.n_visual, cfg.n_text, B)
+    row = dict(method=method, batch=B, keep_ratio=r, visual_kept=k, seq_len=k + cfg.n_text, full_ms=full_ms,
+               pruned_ms=pruned_ms, full_iqr_ms=_iqr(full_t), pruned_iqr_ms=_iqr(t), speedup=full_ms / pruned_ms,
+               bound=bound, fraction_of_bound=full_ms / pruned_ms / bound, overhead_ms=over_ms,
+               overhead_frac=over_ms / pruned_ms, samples_per_s=1e3 * B / pruned_ms,
+               tflops_full=f_full / full_ms / 1e9, tflops_pruned=f_pruned / pruned_ms / 1e9,
+               kv_cache_mb_full=kv_cache_bytes(config, L, B, dtype) / 2**20,
+               kv_cache_mb_pruned=kv_cache_bytes(config, k + cfg.n_text, B, dtype) / 2**20)
+    if res["roofline"]:  # roofline floor: max(FLOPs / peak rate, weight bytes / bandwidth)
+        peak, bw = res["roofline"]["matmul_tflops"] * 1e9, res["roofline"]["copy_gbps"] * 1e6
+        row["floor_full_ms"] = max(f_full / peak, res["weight_bytes"] / bw)
+        row["floor_pruned_ms"] = max(f_pruned / peak, res["weight_bytes"] / bw)
+    return row
+
+
+def _fmt_row(r) -> str:
+    return (f"{r['method']:>5} B={r['batch']:<3d} keep={r['keep_ratio']:<5g}({r['visual_kept']:>3d} vis) "
+            f"full {r['full_ms']:8.2f} ms  pruned {r['pruned_ms']:8.2f} ms  speedup {r['speedup']:5.2f}x  "
+            f"bound {r['bound']:5.2f}x ({r['fraction_of_bound']:4.0%})  pruner {r['overhead_frac']:6.2%}")
+
+
+def check_goals(res: dict) -> list[dict]:
+    """The lesson's speed goals: target, measured value, met or not (rows of the main method only)."""
+    rows = [r for r in res["prefill"] if r["method"] == res["prefill"][0]["method"]] if res["prefill"] else []
+    at = {(r["batch"], r["keep_ratio"]): r for r in rows}
+
+    def goal(name, target, value, met):
+        return dict(goal=name, target=target, measured=value, met=bool(met))
+
+    goals = [goal(f"speedup / FLOPs bound, keep 0.25, batch {B}", ">= 0.90", at[B, 0.25]["fraction_of_bound"],
+                  at[B, 0.25]["fraction_of_bound"] >= 0.90) for B in (8, 32) if (B, 0.25) in at]
+    if (1, 0.25) in at:
+        goals.append(goal("speedup, keep 0.25, batch 1", ">= 2.0", at[1, 0.25]["speedup"],
+                          at[1, 0.25]["speedup"] >= 2.0))
+    for B in sorted({r["batch"] for r in rows}):
+        worst = max(r["overhead_frac"] for r in rows if r["batch"] == B)
+        goals.append(goal(f"pruner overhead / pruned prefill, batch {B} (worst ratio)", "<= 0.01", worst,
+                          worst <= 0.01))
+    return goals
+
+
+def format_table(res: dict) -> str:
+    """Plain-text tables of the prefill rows, the decode rows and the goals."""
+    lines = [f"device: {res['device']}"] + [_fmt_row(r) for r in res["prefill"]]
+    lines += [f"decode B={d['batch']:<3d} cache {d['cache_len']:>4d} tokens ({d['kv_cache_mb']:8.1f} MiB): "
+              f"{d['step_ms']:7.2f} ms/step, {d['tokens_per_s']:9.1f} tokens/s" for d in res["decode"]]
+    lines += [f"goal {g['goal']}: {g['target']}, measured {g['measured']:.3f} -> {'met' if g['met'] else 'MISSED'}"
+              for g in res.get("goals", [])]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    """Command line: ``python -m vtp.benchmark [--smoke] [--batches 1 8 32] [--ratios ...] [--out PATH]``."""
+    p = argparse.ArgumentParser(prog="python -m vtp.benchmark", description="Prefill speed, full vs pruned.")
+    p.add_argument("--smoke", action="store_true", help="tiny shape (default without a GPU)")
+    p.add_argument("--full", action="store_true", help="LLaVA-1.5-7B shape (default with a GPU)")
+    p.add_argument("--batches", type=int, nargs="+")
+    p.add_argument("--ratios", type=float, nargs="+")
+    p.add_argument("--repeats", type=int)
+    p.add_argument("--warmup", type=int)
+    p.add_argument("--device")
+    p.add_argument("--no-graphs", dest="graphs", action="store_false", help="eager kernels only")
+    p.add_argument("--no-decode", dest="decode", action="store_false")
+    p.add_argument("--out", help="JSON path (full-mode default: results/09_inference_speed.json)")
+    a = p.parse_args(argv)
+    smoke = a.smoke or (not a.full and run_mode() == "smoke")
+    kw = dict(batches=a.batches and tuple(a.batches), ratios=a.ratios and tuple(a.ratios), repeats=a.repeats,
+              warmup=a.warmup, device=a.device, graphs=a.graphs, decode=a.decode)
+    kw = {k: v for k, v in kw.items() if v is not None}
+    res = run_benchmark(BenchConfig.smoke(**kw) if smoke else BenchConfig(**kw), log=lambda s: print(s, flush=True))
+    print(format_table(res))
+    out = a.out or (None if smoke else "results/09_inference_speed.json")
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(res, indent=1) + "\n")
+        print(f"wrote {out}")
+    return res
+
+
+if __name__ == "__main__":
+    main()
