@@ -120,7 +120,8 @@ def bias_variance(grads: torch.Tensor, exact: torch.Tensor) -> dict:
     * ``bias_se`` :math:`= \sqrt{\operatorname{tr}\hat\Sigma / S} / \|\nabla\|` (noise floor of ``bias``);
     * ``variance`` :math:`= \operatorname{tr}\hat\Sigma / \|\nabla\|^2` (one sample; an average of B samples
       divides it by B);
-    * ``max_z`` = largest per-coordinate :math:`|\bar g_i - \nabla_i| / \text{SE}_i` (unbiased: small).
+    * ``max_z`` = largest per-coordinate :math:`|\bar g_i - \nabla_i| / \text{SE}_i` (unbiased: small);
+    * ``cosine`` = :math:`\cos(\bar g, \nabla)` (1 = the mean estimate points the right way).
     """
     if grads.dim() != 2 or grads.shape[1:] != exact.shape or grads.shape[0] < 2:
         raise ValueError(f"grads must have shape (samples >= 2, {exact.numel()}), got {tuple(grads.shape)}")
@@ -129,7 +130,8 @@ def bias_variance(grads: torch.Tensor, exact: torch.Tensor) -> dict:
     se = (var / s).sqrt()
     z = ((mean - exact).abs() / se.clamp_min(1e-12)).where(se > 0, torch.zeros_like(se))
     return dict(bias=float((mean - exact).norm() / scale), bias_se=float((var.sum() / s).sqrt() / scale),
-                variance=float(var.sum() / scale**2), max_z=float(z.max()))
+                variance=float(var.sum() / scale**2), max_z=float(z.max()),
+                cosine=float(F.cosine_similarity(mean, exact, dim=0)))
 
 
 def gumbel_max_sample(logits: torch.Tensor, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
