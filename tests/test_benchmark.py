@@ -44,9 +44,13 @@ def test_flops_model_matches_flop_counter():
     """Matrix-product FLOPs counted by torch (eager attention computes the full L x L scores)."""
     config = lm_config("tiny")
     model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
-    x = _embeds(2, 10, config.hidden_size)
-    with torch.no_grad(), FlopCounterMode(display=False) as fc:
-        model.lm_head(model.model(inputs_embeds=x, use_cache=False).last_hidden_state[:, -1])
+    h = _embeds(2, 10, config.hidden_size)
+    with torch.no_grad():
+        rope = model.model.rotary_emb(h, torch.arange(10).expand(2, 10))  # outside: not part of the model
+        with FlopCounterMode(display=False) as fc:
+            for layer in model.model.layers:
+                h = layer(h, attention_mask=None, position_embeddings=rope)
+            model.lm_head(model.model.norm(h)[:, -1])
     assert fc.get_total_flops() == prefill_flops(config, 10, batch=2, causal=False)["total"]
 
 
@@ -83,11 +87,26 @@ def test_pruned_path_keeps_exact_counts(tiny, ratio):
     assert run.cache.nbytes() == kv_cache_bytes(config, k, 2, torch.float32)
 
 
-def test_pruned_prefill_equals_reference_removal(tiny):
+def test_selection_is_the_pruners_and_static_removal_equals_library(tiny):
+    config, model, pruner = tiny
+    embeds = _embeds(3, 100, config.hidden_size, seed=4)
+    lib, static = (PrunedPrefill(model, pruner, embeds, n_visual=80, text_before=5, ratio=0.3, removal=m)
+                   for m in ("library", "static"))
+    with torch.no_grad():
+        keep = lib._keep_mask()
+        mask = pruner(embeds[:, 5:85], rule="topk", ratio=0.3).mask.bool()
+        a, b = lib.select_and_remove(), static.select_and_remove()
+    assert torch.equal(keep[:, 5:85], mask) and bool(keep[:, :5].all()) and bool(keep[:, 85:].all())
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("removal", ["library", "static"])
+def test_pruned_prefill_equals_reference_removal(tiny, removal):
     config, model, pruner = tiny
     B, n_vis, before, n_text = 2, 40, 3, 8
     embeds = _embeds(B, n_vis + n_text, config.hidden_size, seed=5)
-    run = PrunedPrefill(model, pruner, embeds, n_visual=n_vis, text_before=before, ratio=0.25)
+    run = PrunedPrefill(model, pruner, embeds, n_visual=n_vis, text_before=before, ratio=0.25, removal=removal)
     with torch.no_grad():
         hidden, logits = run()
         # independent selection: torch.topk of the keep probabilities, in original order
@@ -141,6 +160,8 @@ def test_bad_inputs_raise_naming_the_argument(tiny):
         PrunedPrefill(model, pruner, embeds, n_visual=20, ratio=0.5)
     with pytest.raises(ValueError, match="text_before"):
         PrunedPrefill(model, pruner, embeds, n_visual=10, text_before=11, ratio=0.5)
+    with pytest.raises(ValueError, match="removal"):
+        PrunedPrefill(model, pruner, embeds, n_visual=10, ratio=0.5, removal="zero")
     with pytest.raises(ValueError, match="repeats"):
         time_ms(lambda: None, repeats=0, device="cpu")
     bad = [dict(batches=(0,)), dict(batches=()), dict(ratios=(1.2,)), dict(text_before=64), dict(n_text=0),
@@ -155,10 +176,13 @@ def test_cli_smoke_writes_json(tmp_path):
     res = main(["--smoke", "--batches", "2", "--ratios", "1", "0.25", "--repeats", "2", "--warmup", "0",
                 "--device", "cpu", "--out", str(out)])
     saved = json.loads(out.read_text())
-    assert saved["device"] == res["device"] and len(saved["prefill"]) == 2
-    row = saved["prefill"][1]
+    assert saved["device"] == res["device"] and len(saved["prefill"]) == 4  # 2 ratios x 2 removals
+    assert [(r["keep_ratio"], r["removal"]) for r in saved["prefill"]] == [
+        (1.0, "library"), (1.0, "static"), (0.25, "library"), (0.25, "static")]
+    row = saved["prefill"][2]
     assert row["visual_kept"] == 144 and row["seq_len"] == 208 and row["method"] == "eager"
     assert row["speedup"] == pytest.approx(row["full_ms"] / row["pruned_ms"])
     assert row["kv_cache_mb_pruned"] / row["kv_cache_mb_full"] == pytest.approx(208 / 640)
     assert [d["cache_len"] for d in saved["decode"]] == [640, 208]
-    assert {g["goal"] for g in saved["goals"]} == {"pruner overhead / pruned prefill, batch 2 (worst ratio)"}
+    assert [g["goal"] for g in saved["goals"]] == [
+        f"pruner overhead / pruned prefill, batch 2 (worst ratio) [{m} removal]" for m in ("library", "static")]
