@@ -162,6 +162,9 @@ def test_bad_inputs_raise_naming_the_argument(tiny):
         PrunedPrefill(model, pruner, embeds, n_visual=10, text_before=11, ratio=0.5)
     with pytest.raises(ValueError, match="removal"):
         PrunedPrefill(model, pruner, embeds, n_visual=10, ratio=0.5, removal="zero")
+    eager = AutoModelForCausalLM.from_config(lm_config("tiny"), attn_implementation="eager")
+    with pytest.raises(ValueError, match="attn_implementation"):
+        run_layers(eager, embeds, torch.arange(20).expand(1, 20))
     with pytest.raises(ValueError, match="repeats"):
         time_ms(lambda: None, repeats=0, device="cpu")
     bad = [dict(batches=(0,)), dict(batches=()), dict(ratios=(1.2,)), dict(text_before=64), dict(n_text=0),

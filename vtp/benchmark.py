@@ -164,6 +164,8 @@ def run_layers(model, embeds: torch.Tensor, position_ids: torch.Tensor, cache: K
     tensors back to the host, so the whole call can be captured in a CUDA graph. Returns the final-norm
     hidden states [B, L, d]; with a ``cache``, K/V are written into it and ``cache.length`` advances.
     """
+    if model.config._attn_implementation != "sdpa":  # eager attention would ignore causality without a mask
+        raise ValueError(f"model must use attn_implementation='sdpa', got {model.config._attn_implementation!r}")
     base = model.model
     pos_emb = base.rotary_emb(embeds, position_ids)
     h = embeds
