@@ -5,7 +5,17 @@ import pytest
 import torch
 
 from vtp.toy import (ESTIMATORS, MaskObjective, SelectionTask, bias_variance, chi_square_test,
-                     gumbel_max_sample, train_importance_pruner, train_selection)
+                     gumbel_max_sample, importance_report, train_importance_pruner, train_selection)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Toy-sized tensors: one intra-op thread is fastest (and immune to CPU contention); restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 
 OBJ = MaskObjective([2.0, -1.5, 1.0, -0.5, 3.0], bias=1.5)
 THETA = torch.tensor([0.5, -1.0, 0.0, 2.0, -2.0])
@@ -110,3 +120,16 @@ def test_forgetting_the_visual_mask_drives_the_visual_ratio_below_target():
     # averaging over 32 visual + 32 always-kept text tokens at 0.5 leaves (0.5*64 - 32)/32 = 0 for visual
     assert abs(sum(right[-20:]) / 20 - 0.5) < 0.1
     assert sum(wrong[-20:]) / 20 < 0.1
+
+
+def test_importance_report_and_target_schedule():
+    direction = torch.randn(8, generator=torch.Generator().manual_seed(1))
+    pruner, ratios = train_importance_pruner(direction, target_ratio=0.25, steps=100, batch=8, tokens=16,
+                                             target_schedule=lambda step: 1.0)
+    assert sum(ratios[-10:]) / 10 > 0.8  # the schedule, not target_ratio, set the target
+    rep = importance_report(pruner, direction, 0.25, batch=8, tokens=16)
+    assert rep["kept_topk"] == 0.25  # exactly round(0.25 * 16) tokens per sample
+    assert 0.0 <= rep["binarity"] <= 0.25 and 0.0 <= rep["recall_topk"] <= 1.0
+    assert rep["kept_threshold"] >= rep["above_half"]  # threshold rule, topped up to min_keep
+    with pytest.raises(ValueError, match="optimizer"):
+        train_importance_pruner(direction, optimizer="rmsprop", steps=1)
