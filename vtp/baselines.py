@@ -6,9 +6,9 @@ removed as for the learned pruner.
 
 * **random**: uniform scores (a fresh draw per batch from a seeded generator).
 * **FastV-style** (Chen et al. 2024): the attention that the position predicting the answer (the last
-  question token) pays to each image token at an early language-model layer (FastV: layer 2), averaged
-  over heads, in the unpruned model. FastV drops tokens *after* that layer; here the scores prune the
-  input, the same removal the learned pruner gets.
+  question token) pays to each image token in an early language-model layer, averaged over heads, in the
+  unpruned model. FastV ranks by the attention of layer :math:`K-1` and drops tokens after layer
+  :math:`K = 2`; here the scores of layer index 1 prune the input, the same removal the learned pruner gets.
 * **object (pixel reference)**: the fraction of a patch's pixels whose colour differs from the image's
   background (its top-left pixel). easy-VQA images hold one shape on a plain background, so this is an
   oracle-like reference of "where the object is", not a method.
@@ -36,7 +36,7 @@ def _n_visual(vlm) -> int:
 
 
 @torch.no_grad()
-def fastv_scores(batch, vlm, layer: int = 2) -> torch.Tensor:
+def fastv_scores(batch, vlm, layer: int = 1) -> torch.Tensor:
     """Head-averaged attention [B, N] from the answer-predicting position to each image token at ``layer``."""
     lm = vlm.language_model
     n_layers = lm.config.num_hidden_layers

@@ -80,8 +80,9 @@ def diagnose(history: dict, target_ratio: float | None = None, ratio_tol: float 
     if k < target_ratio - ratio_tol:
         findings.append(Finding(
             "keep-ratio collapse", f"final training keep ratio {k:.3f} vs target {target_ratio:.3f}",
-            "the sparsity term counts more than the visual tokens (text tokens averaged in), or its weight "
-            "is too high", "average the sparsity term over visual tokens only, per sample; lower or warm up w_s"))
+            "the sparsity term counts more than the visual tokens (text tokens averaged in), its weight is "
+            "too high, or a deterministic threshold (no Gumbel noise) let every probability fall below 0.5",
+            "average the sparsity term over visual tokens only, per sample; warm up w_s; sample with Gumbel noise"))
     elif k > target_ratio + ratio_tol:
         findings.append(Finding(
             "keep-ratio blow-up", f"final training keep ratio {k:.3f} vs target {target_ratio:.3f}",
@@ -105,9 +106,11 @@ def diagnose(history: dict, target_ratio: float | None = None, ratio_tol: float 
         if gap > ratio_tol:
             findings.append(Finding(
                 "train/inference keep gap", f"inference keeps {last['keep_ratio']:.3f}, training kept {k:.3f}",
-                "threshold 0.5 at inference after a mean-probability sparsity loss: mean(p) = target does not "
-                "make the fraction with p > 0.5 equal the target", "use the top-k budget rule at inference, "
-                "or put the sparsity term on the hard mask"))
+                "the inference rule keeps a different number of tokens than training did: threshold 0.5 after "
+                "a mean-probability sparsity loss (mean(p) = target does not make the fraction with p > 0.5 "
+                "equal the target), or a training keep ratio that missed the target, so that top-k imposes a "
+                "budget the model never trained with", "use the top-k budget rule at inference and make the "
+                "training keep ratio reach the target (see the other findings)"))
         if history.get("train_acc"):
             train_acc = _tail_mean(history["train_acc"])
             if train_acc - float(last["accuracy"]) > acc_gap_tol:
