@@ -15,8 +15,15 @@ from nbclient import NotebookClient
 def run(path: Path, timeout: int = 1800) -> float:
     nb = nbformat.read(path, as_version=4)
     start = time.perf_counter()
-    NotebookClient(nb, timeout=timeout, kernel_name="python3", store_widget_state=False,
-                   resources={"metadata": {"path": str(path.parent)}}).execute()
+    client = NotebookClient(nb, timeout=timeout, kernel_name="python3", store_widget_state=False,
+                            resources={"metadata": {"path": str(path.parent)}})
+    try:
+        client.execute()
+    except Exception:
+        failed = path.with_suffix(".failed.ipynb")  # keep what ran, for diagnosis; never committed
+        nbformat.write(nb, failed)
+        print(f"{path}: FAILED, partial outputs in {failed}", flush=True)
+        raise
     elapsed = time.perf_counter() - start
     nb.metadata.pop("widgets", None)
     nbformat.write(nb, path)
