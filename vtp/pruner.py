@@ -156,9 +156,9 @@ class GumbelVisionPruner(nn.Module):
         else:
             rule = self.rule if rule is None else rule
             if rule == "topk":
-                mask = topk_keep_mask(keep_prob, self.ratio if ratio is None else ratio, valid, self.min_keep)
+                mask = topk_keep_mask(keep_prob, self.ratio if ratio is None else ratio, valid_mask, self.min_keep)
             elif rule == "threshold":
-                mask = threshold_keep_mask(keep_prob, self.threshold, valid, self.min_keep)
+                mask = threshold_keep_mask(keep_prob, self.threshold, valid_mask, self.min_keep)
             else:
                 raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
         return PrunerOutput(mask, logits, keep_prob)
