@@ -2,7 +2,8 @@
 
     python scripts/run_notebook.py notebooks/01_reparameterization.ipynb [...]
 
-Widget state in notebook metadata breaks GitHub's renderer, so it is removed after execution.
+Widget state in notebook metadata breaks GitHub's renderer, so it is removed after execution (it is
+recorded during execution because nbclient needs it for ipywidgets.Output).
 """
 import sys
 import time
@@ -15,7 +16,7 @@ from nbclient import NotebookClient
 def run(path: Path, timeout: int = 1800) -> float:
     nb = nbformat.read(path, as_version=4)
     start = time.perf_counter()
-    client = NotebookClient(nb, timeout=timeout, kernel_name="python3", store_widget_state=False,
+    client = NotebookClient(nb, timeout=timeout, kernel_name="python3", store_widget_state=True,
                             resources={"metadata": {"path": str(path.parent)}})
     try:
         client.execute()
