@@ -28,6 +28,7 @@ __all__ = [
     "SPLITS", "QUESTION_TYPES", "IMAGE_TOKEN", "PAD_TOKEN", "UNK_TOKEN",
     "VQASplit", "load_split", "question_type", "load_images",
     "build_tokenizer", "VQAProcessor", "build_processor", "EncodedSplit", "encode_split", "iterate_batches",
+    "iterate_image_batches",
     "augment_images",
 ]
 
@@ -143,6 +144,7 @@ class VQAProcessor:
         self.image_mean, self.image_std, self.image_token = tuple(image_mean), tuple(image_std), image_token
         self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
         self.pad_token_id = tokenizer.pad_token_id
+        self._stats = {}
 
     @property
     def vocab_size(self) -> int:
@@ -157,8 +159,10 @@ class VQAProcessor:
         if images.dim() != 4 or tuple(images.shape[1:]) != (3, s, s):
             raise ValueError(f"images must have shape (batch, 3, {s}, {s}), got {tuple(images.shape)}")
         x = images.to(device=device, dtype=torch.float32) / 255.0
-        mean = torch.tensor(self.image_mean, device=x.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.image_std, device=x.device).view(1, 3, 1, 1)
+        if x.device not in self._stats:  # cached per device: no host-to-device copy per batch
+            self._stats[x.device] = (torch.tensor(self.image_mean, device=x.device).view(1, 3, 1, 1),
+                                     torch.tensor(self.image_std, device=x.device).view(1, 3, 1, 1))
+        mean, std = self._stats[x.device]
         return (x - mean) / std
 
     def encode_text(self, questions, answers=None) -> dict:
@@ -260,12 +264,12 @@ def augment_images(images: torch.Tensor, generator: torch.Generator | None = Non
     No colour changes (colours are answers) and no vertical flips (easy-VQA triangles point up)."""
     B = images.shape[0]
     dev = images.device
-    flip = torch.rand(B, generator=generator, device=generator.device if generator else None).to(dev) < hflip
+    g_dev = generator.device if generator is not None else dev
+    flip = torch.rand(B, generator=generator, device=g_dev).to(dev) < hflip
     out = torch.where(flip.view(B, 1, 1, 1), images.flip(-1), images)
     if max_shift > 0:
         H, W = out.shape[-2:]
-        g_dev = generator.device if generator else None
-        dy, dx = (torch.randint(-max_shift, max_shift + 1, (2, B), generator=generator, device=g_dev).to(dev))
+        dy, dx = torch.randint(-max_shift, max_shift + 1, (2, B), generator=generator, device=g_dev).to(dev)
         rows = (torch.arange(H, device=dev).view(1, H) - dy.view(B, 1)).clamp(0, H - 1)
         cols = (torch.arange(W, device=dev).view(1, W) - dx.view(B, 1)).clamp(0, W - 1)
         out = out.gather(2, rows.view(B, 1, H, 1).expand(B, 3, H, W))
@@ -283,7 +287,11 @@ def iterate_batches(data: EncodedSplit, processor: VQAProcessor, batch_size: int
     device = data.input_ids.device
     n = len(data)
     if indices is None:
-        indices = torch.randperm(n, generator=generator).to(device) if shuffle else torch.arange(n, device=device)
+        if shuffle:
+            g_dev = generator.device if generator is not None else device
+            indices = torch.randperm(n, generator=generator, device=g_dev).to(device)
+        else:
+            indices = torch.arange(n, device=device)
     stop = len(indices) - (len(indices) % batch_size if drop_last else 0)
     for start in range(0, stop, batch_size):
         idx = indices[start: start + batch_size].to(device)
@@ -294,4 +302,35 @@ def iterate_batches(data: EncodedSplit, processor: VQAProcessor, batch_size: int
             "input_ids": data.input_ids[idx], "attention_mask": data.attention_mask[idx], "labels": data.labels[idx],
             "pixel_values": processor.preprocess_images(images, device),
             "answer_ids": data.answer_ids[idx], "qtype_ids": data.qtype_ids[idx], "index": idx,
+        }
+
+
+def iterate_image_batches(data: EncodedSplit, processor: VQAProcessor, images_per_batch: int,
+                          questions_per_image: int, generator: torch.Generator | None = None,
+                          augment: dict | None = None):
+    """Endless training batches grouped by image: ``images_per_batch`` random images (each augmented once)
+    and, for each, ``questions_per_image`` of its questions drawn at random (with replacement). Sample ``b``
+    uses image ``image_index[b]`` of ``pixel_values``, so the vision tower runs once per image."""
+    for name, v in (("images_per_batch", images_per_batch), ("questions_per_image", questions_per_image)):
+        if not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    device = data.input_ids.device
+    g_dev = generator.device if generator is not None else device
+    # questions of each image: sorted by image, with per-image offsets and counts
+    order = torch.argsort(data.image_ids, stable=True)
+    images = data.image_ids[order].unique_consecutive()
+    counts = torch.bincount(data.image_ids[order])[images]
+    offsets = counts.cumsum(0) - counts
+    while True:
+        pick = torch.randint(len(images), (images_per_batch,), generator=generator, device=g_dev).to(device)
+        u = torch.rand(images_per_batch, questions_per_image, generator=generator, device=g_dev).to(device)
+        q = order[offsets[pick, None] + (u * counts[pick, None]).long().clamp(max=counts[pick, None] - 1)].flatten()
+        pixels = data.images[images[pick]]
+        if augment:
+            pixels = augment_images(pixels, generator, **augment)
+        yield {
+            "input_ids": data.input_ids[q], "attention_mask": data.attention_mask[q], "labels": data.labels[q],
+            "pixel_values": processor.preprocess_images(pixels, device),
+            "image_index": torch.arange(images_per_batch, device=device).repeat_interleave(questions_per_image),
+            "answer_ids": data.answer_ids[q], "qtype_ids": data.qtype_ids[q], "index": q,
         }

@@ -202,9 +202,11 @@ class PrunedVLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, mode: str | None = None, keep: torch.Tensor | None = None,
                 scores: torch.Tensor | None = None, ratio: float | None = None, rule: str | None = None,
-                tau: float | None = None, **unused) -> PrunedVLMOutput:
+                tau: float | None = None, image_index: torch.Tensor | None = None, **unused) -> PrunedVLMOutput:
         """Run the pruned model. ``keep`` [B, N] (0/1) or ``scores`` [B, N] (top-k with ``ratio``, else
-        threshold 0.5) replace the pruner, e.g. for random or attention-based baselines."""
+        threshold 0.5) replace the pruner, e.g. for random or attention-based baselines. ``image_index`` [B]
+        lets several questions share one image: sample ``b`` uses ``pixel_values[image_index[b]]`` (the vision
+        tower runs once per image)."""
         mode = mode or ("policy" if self.training else "remove")
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -217,11 +219,20 @@ class PrunedVLM(nn.Module):
             if t is not None and t.shape != input_ids.shape:
                 raise ValueError(f"{name} must have the shape of input_ids {(B, L)}, got {tuple(t.shape)}")
         tokens = self.visual_features(pixel_values)
+        if image_index is not None:
+            if image_index.shape != (B,):
+                raise ValueError(f"image_index must have shape {(B,)}, got {tuple(image_index.shape)}")
+            tokens = tokens[image_index]
+        elif tokens.shape[0] != B:
+            raise ValueError(f"got {tokens.shape[0]} images for {B} sequences (pass image_index to share images)")
         visual_mask = input_ids == self.image_token_id
         counts = visual_mask.sum(-1)
-        if not bool((counts == tokens.shape[1]).all()):
-            raise ValueError(f"every sample needs {tokens.shape[1]} image tokens (id {self.image_token_id}) in "
-                             f"input_ids, got counts {counts.tolist()}")
+        ok = (counts == tokens.shape[1]).all()
+        msg = f"every sample needs {tokens.shape[1]} image tokens (id {self.image_token_id}) in input_ids"
+        if ok.is_cuda:
+            torch._assert_async(ok, msg)  # checked on the GPU: no host synchronisation per step
+        elif not bool(ok):
+            raise ValueError(f"{msg}, got counts {counts.tolist()}")
         vkeep, keep_prob, pruner_logits = self._keep_mask(tokens, keep, scores, ratio, rule, tau, mode)
         embeds = self.llava.get_input_embeddings()(input_ids)
         if mode == "zero":
