@@ -32,5 +32,9 @@ def run(path: Path, timeout: int = 1800) -> float:
 
 
 if __name__ == "__main__":
-    for arg in sys.argv[1:]:
-        print(f"{arg}: executed in {run(Path(arg)):.1f} s", flush=True)
+    args = sys.argv[1:]
+    cell_timeout = 1800
+    if args and args[0].startswith("--timeout="):  # per-cell limit in seconds
+        cell_timeout = int(args.pop(0).split("=", 1)[1])
+    for arg in args:
+        print(f"{arg}: executed in {run(Path(arg), cell_timeout):.1f} s", flush=True)

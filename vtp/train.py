@@ -280,3 +280,210 @@ def main(argv=None):
     out = args.out or teacher_dir(args.mode)
     save_teacher(model, processor, out, {k: history[k] for k in ("device", "train_time_s", "parameters", "config")})
 
+
+# ----------------------------------------------------------------------------------------------------------
+# Pruner training (lesson 07): frozen teacher, student = teacher copy + GumbelVisionPruner.
+# ----------------------------------------------------------------------------------------------------------
+import copy  # noqa: E402
+
+from .losses import PruningLoss  # noqa: E402
+from .pruner import GumbelVisionPruner, check_ratio  # noqa: E402
+from .schedules import get_temperature, sparsity_weight_schedule, target_ratio_schedule  # noqa: E402
+from .vlm import PrunedVLM, answer_logits  # noqa: E402
+
+
+@dataclass
+class PrunerConfig:
+    r"""Pruner training recipe (the correct one by default; lesson 08 flips single fields).
+
+    Per step :math:`t` of :math:`T`: :math:`\tau_t` = :func:`vtp.get_temperature` (``max_temp`` -> ``min_temp``,
+    ``temp_schedule``), sparsity weight :math:`w_s(t)` = :func:`vtp.sparsity_weight_schedule` (0 for the first
+    ``sparsity_warmup`` of training), target :math:`\rho_t` = :func:`vtp.target_ratio_schedule` (``ratio_start``
+    -> ``target_ratio`` over ``curriculum_frac``). Loss = :class:`vtp.PruningLoss`. The pruner learns at
+    ``pruner_lr``, the language model at ``lm_lr`` (lower), the vision tower and projector stay frozen.
+
+    Variants: ``sampler`` (see :class:`vtp.GumbelVisionPruner`), ``apply`` = ``"policy"`` (attention masking)
+    or ``"zero"`` (``tokens * mask``), ``sparsity_scope`` = ``"visual"`` or ``"all"`` (text tokens counted as
+    kept), ``distill_weight`` = 0 (no teacher), ``eval_rule`` = ``"topk"`` or ``"threshold"``.
+    """
+
+    target_ratio: float = 0.25
+    steps: int = 60
+    batch_size: int = 64
+    pruner_lr: float = 2e-3
+    lm_lr: float = 2e-4
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    max_temp: float = 5.0
+    min_temp: float = 0.1
+    temp_schedule: str = "exponential"
+    distill_weight: float = 1.0
+    distill_temperature: float = 1.0
+    sparsity_weight: float = 2.0
+    sparsity: str = "ratio"
+    sparsity_on: str = "prob"
+    sparsity_scope: str = "visual"
+    sparsity_warmup: float = 0.1
+    ratio_start: float = 0.5
+    curriculum_frac: float = 0.3
+    keep_bias: float = 0.0
+    sampler: str = "gumbel"
+    apply: str = "policy"
+    eval_rule: str = "topk"
+    augment: dict = field(default_factory=lambda: {"hflip": 0.5, "max_shift": 0})
+    train_questions: int | None = 4000
+    eval_every: int = 0
+    eval_questions: int = 1000
+    log_every: int = 5
+    seed: int = 0
+    bf16: bool = True
+
+    def __post_init__(self):
+        check_ratio(self.target_ratio, "target_ratio")
+        check_ratio(self.ratio_start, "ratio_start")
+        for name in ("steps", "batch_size"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
+        if self.apply not in ("policy", "zero"):
+            raise ValueError(f"apply must be 'policy' or 'zero', got {self.apply!r}")
+        if self.sparsity_scope not in ("visual", "all"):
+            raise ValueError(f"sparsity_scope must be 'visual' or 'all', got {self.sparsity_scope!r}")
+        if self.eval_rule not in ("topk", "threshold"):
+            raise ValueError(f"eval_rule must be 'topk' or 'threshold', got {self.eval_rule!r}")
+        if not (0 <= self.warmup_steps < self.steps):
+            raise ValueError(f"warmup_steps must be in [0, steps={self.steps}), got {self.warmup_steps}")
+
+
+PRUNER_PRESETS = {
+    "smoke": PrunerConfig(eval_every=30, eval_questions=500),
+    "full": PrunerConfig(steps=400, batch_size=128, warmup_steps=20, train_questions=None, eval_every=200,
+                         eval_questions=2000, log_every=10, augment={"hflip": 0.5, "max_shift": 2}),
+}
+
+
+def pruner_config(mode: str | None = None, **overrides) -> PrunerConfig:
+    """The pruner recipe for ``mode`` (``"smoke"``/``"full"``, default :func:`vtp.runtime.run_mode`)."""
+    mode = mode or run_mode()
+    if mode not in PRUNER_PRESETS:
+        raise ValueError(f"mode must be one of {tuple(PRUNER_PRESETS)}, got {mode!r}")
+    return dataclasses.replace(PRUNER_PRESETS[mode], **overrides)
+
+
+def _student(teacher, cfg: PrunerConfig):
+    student = copy.deepcopy(teacher).train()
+    for p in student.parameters():
+        p.requires_grad_(False)
+    for p in student.model.language_model.parameters():
+        p.requires_grad_(True)
+    for p in student.lm_head.parameters():
+        p.requires_grad_(True)
+    hidden = student.config.text_config.hidden_size
+    pruner = GumbelVisionPruner(hidden, rule=cfg.eval_rule, ratio=cfg.target_ratio, keep_bias=cfg.keep_bias,
+                                sampler=cfg.sampler)
+    return PrunedVLM(student, pruner.to(next(student.parameters()).device))
+
+
+def _sparsity_inputs(out, cfg: PrunerConfig, attention_mask):
+    """keep_prob / keep_mask / visual_mask for PruningLoss: visual tokens only, or (the bug) the whole
+    sequence with text tokens counted as kept."""
+    if cfg.sparsity_scope == "visual":
+        return out.keep_prob, out.visual_keep, None
+    ones = torch.ones(out.visual_mask.shape, device=out.keep_prob.device)
+    prob = ones.masked_scatter(out.visual_mask, out.keep_prob)
+    mask = ones.masked_scatter(out.visual_mask, out.visual_keep)
+    return prob, mask, attention_mask.bool()
+
+
+def train_pruner(teacher, processor: VQAProcessor, cfg: PrunerConfig | str | None = None, device=None,
+                 val_data=None, callback=None):
+    """Train a :class:`vtp.GumbelVisionPruner` (and fine-tune the language model) against a frozen teacher.
+
+    Returns ``(student PrunedVLM in eval mode, history)``. ``history`` is a dict of lists logged every
+    ``log_every`` steps (``step``, ``tau``, ``sparsity_weight``, ``target``, every loss component, ``keep_ratio``
+    = training hard-mask keep ratio, ``keep_prob``, ``saturated`` = fraction of visual keep probabilities
+    outside [0.01, 0.99], ``train_acc`` = accuracy under the training mask, what the run's own graph shows,
+    ``mask_binary`` = whether the training mask was exactly 0/1) and ``val`` = list of dicts with real-removal
+    validation accuracy and inference keep ratio, plus ``train_time_s``, ``device``, ``config``.
+    ``callback(step, history)`` is called after each validation.
+    """
+    cfg = pruner_config(cfg) if cfg is None or isinstance(cfg, str) else cfg
+    device = torch.device(device) if device is not None else next(teacher.parameters()).device
+    torch.manual_seed(cfg.seed)
+    teacher = teacher.to(device).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    teacher_vlm = PrunedVLM(teacher)
+    vlm = _student(teacher, cfg).to(device)
+    loss_fn = PruningLoss(cfg.target_ratio, cfg.distill_weight, cfg.sparsity_weight, cfg.distill_temperature,
+                          cfg.sparsity, cfg.sparsity_on)
+    train = load_split("train")
+    if cfg.train_questions is not None and cfg.train_questions < len(train):
+        train = train.subset(cfg.train_questions, seed=cfg.seed)
+    data = encode_split(train, processor, device)
+    if cfg.eval_every and val_data is None:
+        val_data = encode_split(load_split("val"), processor, device)
+    opt = torch.optim.AdamW([
+        {"params": list(vlm.pruner.parameters()), "lr": cfg.pruner_lr},
+        {"params": [p for p in vlm.llava.parameters() if p.requires_grad], "lr": cfg.lm_lr},
+    ], weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+    gen = torch.Generator().manual_seed(cfg.seed)
+    keys = ("step", "tau", "sparsity_weight", "target", "ce", "distill", "sparsity", "binarize", "total",
+            "keep_ratio", "keep_prob", "saturated", "train_acc", "mask_binary")
+    history = {k: [] for k in keys}
+    history.update(val=[], device=device_name(device), config=dataclasses.asdict(cfg))
+    batches = _batches_forever(data, processor, cfg, gen)
+    vlm.train()
+    vlm.llava.model.vision_tower.eval()
+    start = time.perf_counter()
+    bar = progress(range(cfg.steps), desc=f"pruner @ {cfg.target_ratio:g}", leave=False)
+    for step in bar:
+        batch = next(batches)
+        tau = get_temperature(step, cfg.steps, cfg.max_temp, cfg.min_temp, cfg.temp_schedule)
+        w_s = sparsity_weight_schedule(step, cfg.steps, cfg.sparsity_weight, cfg.sparsity_warmup)
+        target = target_ratio_schedule(step, cfg.steps, cfg.target_ratio, cfg.ratio_start, cfg.curriculum_frac)
+        inputs = (batch["input_ids"], batch["pixel_values"], batch["attention_mask"], batch["labels"])
+        with autocast(device, cfg.bf16):
+            teacher_logits = None
+            if cfg.distill_weight > 0:
+                with torch.no_grad():
+                    teacher_logits = teacher_vlm(*inputs, mode="none").logits
+            out = vlm(*inputs, mode=cfg.apply, tau=tau)
+        prob, mask, vmask = _sparsity_inputs(out, cfg, batch["attention_mask"])
+        try:
+            loss, parts = loss_fn(out.logits, out.labels, prob, keep_mask=mask, visual_mask=vmask,
+                                  teacher_logits=teacher_logits, sparsity_weight=w_s, target_ratio=target)
+        except FloatingPointError as err:
+            raise FloatingPointError(f"train_pruner: non-finite loss at step {step} (tau {tau:.3g}); keep tau >= 0.1, "
+                                     f"lower the learning rates or disable bf16. {err}") from None
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], cfg.grad_clip)
+        opt.step()
+        sched.step()
+        if step % cfg.log_every == 0 or step == cfg.steps - 1:
+            with torch.no_grad():
+                logits, answers = answer_logits(out.logits, out.labels)
+                p = out.keep_prob.float()
+                vk = out.visual_keep
+                row = dict(step=step, tau=tau, sparsity_weight=w_s, target=target,
+                           keep_ratio=vk.float().mean().item(),
+                           saturated=((p < 0.01) | (p > 0.99)).float().mean().item(),
+                           train_acc=(logits.argmax(-1) == answers).float().mean().item(),
+                           mask_binary=bool(((vk == 0) | (vk == 1)).all()))
+                row.update({k: parts[k] for k in ("ce", "distill", "sparsity", "binarize", "total", "keep_prob")})
+            for k in keys:
+                history[k].append(row[k])
+            bar.set_postfix(keep=f"{row['keep_ratio']:.3f}", acc=f"{row['train_acc']:.3f}")
+        if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
+            res = accuracy(vlm, val_data, processor, ratio=cfg.target_ratio if cfg.eval_rule == "topk" else None,
+                           rule=cfg.eval_rule, max_questions=cfg.eval_questions, bf16=cfg.bf16)
+            history["val"].append(dict(step=step + 1, accuracy=res.accuracy, keep_ratio=res.keep_ratio))
+            if callback is not None:
+                callback(step + 1, history)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    history["train_time_s"] = time.perf_counter() - start
+    return vlm.eval(), history
