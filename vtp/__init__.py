@@ -3,6 +3,10 @@ from .gumbel import keep_probability, one_gumbel_sigmoid, relaxed_bernoulli, sam
 from .losses import DualAscentController, PruningLoss
 from .pruner import GumbelVisionPruner, PrunerOutput
 from .schedules import get_temperature, sparsity_weight_schedule, target_ratio_schedule
+from .attention import policy_attention, remove_tokens
+from .vlm import PrunedVLM, build_llava
+from .evaluate import accuracy
+from .train import TrainConfig, load_or_train_teacher, train_teacher
 
 __version__ = "0.1.0"
 
@@ -18,4 +22,12 @@ __all__ = [
     "get_temperature",  # temperature schedule (exponential 5.0 -> 0.1 by default)
     "sparsity_weight_schedule",  # sparsity-weight warm-up
     "target_ratio_schedule",  # target keep-ratio curriculum 1.0 -> target
+    "policy_attention",  # context: run a transformers model with the policy-weighted (DynamicViT) attention
+    "remove_tokens",  # physical token removal keeping original position ids, right-padded
+    "PrunedVLM",  # pruner between projector and LLM of any LlavaForConditionalGeneration
+    "build_llava",  # small LlavaForConditionalGeneration from a preset ("smoke" / "full")
+    "accuracy",  # easy-VQA answer accuracy, overall and per question type, optionally pruned
+    "TrainConfig",  # teacher training recipe (presets "smoke" / "full")
+    "train_teacher",  # train the unpruned small LLaVA on easy-VQA
+    "load_or_train_teacher",  # load the saved teacher, or train and save it
 ]
