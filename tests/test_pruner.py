@@ -9,7 +9,7 @@ from vtp.pruner import threshold_keep_mask, topk_keep_mask
 def _pruner_with_fixed_logits(keep_logits: torch.Tensor) -> GumbelVisionPruner:
     """A pruner whose scorer ignores the input and returns [0, keep_logit] per token (identity trick)."""
     n = keep_logits.numel()
-    pruner = GumbelVisionPruner(hidden_dim=n, reduction=1)
+    pruner = GumbelVisionPruner(hidden_dim=n, reduction=1, norm=False)
     with torch.no_grad():
         pruner.scorer[0].weight.copy_(torch.eye(n))
         pruner.scorer[0].bias.zero_()
@@ -153,3 +153,12 @@ def test_lesson_samplers():
     assert set(one.unique().tolist()) <= {0.0, 1.0}
     with pytest.raises(ValueError, match="sampler"):
         GumbelVisionPruner(16, sampler="bernoulli")
+
+
+def test_input_norm_makes_scores_scale_invariant():
+    torch.manual_seed(0)
+    x = torch.randn(2, 10, 16)
+    normed = GumbelVisionPruner(16).eval()
+    assert torch.allclose(normed(x).keep_prob, normed(2000 * x).keep_prob, atol=1e-5)
+    raw = GumbelVisionPruner(16, norm=False).eval()
+    assert not torch.allclose(raw(x).keep_prob, raw(2000 * x).keep_prob, atol=1e-2)

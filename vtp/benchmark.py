@@ -235,7 +235,7 @@ class PrunedPrefill:
         Called through its parts (scorer, keep probability, :func:`vtp.pruner.topk_keep_mask`), the same
         computation as ``pruner(tokens, rule="topk")``: ``forward`` also re-checks its validity mask on the
         host, a read-back that a CUDA graph cannot contain."""
-        prob = keep_probability(self.pruner.scorer(self.embeds[:, self.vis]))
+        prob = keep_probability(self.pruner.scorer(self.pruner.norm(self.embeds[:, self.vis])))
         keep = torch.ones(self.embeds.shape[:2], dtype=torch.bool, device=self.embeds.device)
         keep[:, self.vis] = topk_keep_mask(prob, self.ratio, None, self.pruner.min_keep).bool()
         return keep

@@ -1,6 +1,7 @@
 r"""``GumbelVisionPruner``: score visual tokens and decide which to keep.
 
-Scorer (the seed design): :math:`\text{Linear}(d, d/4) \to \text{ReLU} \to \text{Linear}(d/4, 2)`, giving
+Scorer (the seed design, after a LayerNorm of the tokens): :math:`\text{Linear}(d, d/4) \to \text{ReLU} \to
+\text{Linear}(d/4, 2)`, giving
 logits :math:`[l_\text{drop}, l_\text{keep}]` per token and :math:`p_\text{keep} = \operatorname{softmax}(l)_1`.
 
 * **train mode**: a hard Gumbel-softmax sample (exact 0/1 forward, straight-through backward),
@@ -103,6 +104,9 @@ class GumbelVisionPruner(nn.Module):
         tau: default Gumbel-softmax temperature (training sets it each step).
         keep_bias: initial bias of the keep logit minus the drop logit (0 = start at p_keep = 0.5).
         sampler: train-mode mask, ``"gumbel"`` (default, the method) or a lesson variant (module docstring).
+        norm: LayerNorm the tokens before the scorer (as DynamicViT's predictor does). The seed scorer has
+            none; but a LLaVA projector's outputs can be large (norm ~2,000 in our trained teacher, whose
+            language model RMS-normalises them anyway), which saturates the keep probabilities at step 0.
     """
 
     def __init__(
@@ -116,6 +120,7 @@ class GumbelVisionPruner(nn.Module):
         tau: float = 1.0,
         keep_bias: float = 0.0,
         sampler: str = "gumbel",
+        norm: bool = True,
     ):
         super().__init__()
         if not isinstance(hidden_dim, int) or hidden_dim < 1:
@@ -133,6 +138,7 @@ class GumbelVisionPruner(nn.Module):
         self.hidden_dim, self.rule, self.min_keep, self.sampler = hidden_dim, rule, min_keep, sampler
         self.ratio, self.threshold, self.tau = check_ratio(ratio), float(threshold), check_tau(tau)
         inner = hidden_dim // reduction
+        self.norm = nn.LayerNorm(hidden_dim) if norm else nn.Identity()
         self.scorer = nn.Sequential(nn.Linear(hidden_dim, inner), nn.ReLU(), nn.Linear(inner, 2))
         with torch.no_grad():
             self.scorer[-1].bias.copy_(torch.tensor([0.0, float(keep_bias)]))
@@ -148,7 +154,7 @@ class GumbelVisionPruner(nn.Module):
             raise ValueError(
                 f"tokens must have shape (batch, tokens, {self.hidden_dim}), got {tuple(tokens.shape)}"
             )
-        logits = self.scorer(tokens)
+        logits = self.scorer(self.norm(tokens))
         keep_prob = keep_probability(logits)
         valid = _valid(keep_prob, valid_mask)
         if self.training:

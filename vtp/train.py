@@ -286,7 +286,7 @@ def main(argv=None):
 # ----------------------------------------------------------------------------------------------------------
 import copy  # noqa: E402
 
-from .losses import PruningLoss  # noqa: E402
+from .losses import DualAscentController, PruningLoss, visual_keep_ratio  # noqa: E402
 from .pruner import GumbelVisionPruner, check_ratio  # noqa: E402
 from .schedules import get_temperature, sparsity_weight_schedule, target_ratio_schedule  # noqa: E402
 from .vlm import PrunedVLM, answer_logits  # noqa: E402
@@ -301,6 +301,11 @@ class PrunerConfig:
     ``sparsity_warmup`` of training), target :math:`\rho_t` = :func:`vtp.target_ratio_schedule` (``ratio_start``
     -> ``target_ratio`` over ``curriculum_frac``). Loss = :class:`vtp.PruningLoss`. The pruner learns at
     ``pruner_lr``, the language model at ``lm_lr`` (lower), the vision tower and projector stay frozen.
+
+    ``controller_lr`` > 0 adds the Lagrangian term :math:`\lambda_t(\bar p - \rho_t)` of a
+    :class:`vtp.DualAscentController` (dual step ``controller_lr``, once the sparsity weight is on); off by
+    default: on this task the ratio MSE alone holds the target, and a dual step of 1.0 oscillated.
+    ``pruner_norm`` = LayerNorm before the scorer (see :class:`vtp.GumbelVisionPruner`).
 
     Variants: ``sampler`` (see :class:`vtp.GumbelVisionPruner`), ``apply`` = ``"policy"`` (attention masking)
     or ``"zero"`` (``tokens * mask``), ``sparsity_scope`` = ``"visual"`` or ``"all"`` (text tokens counted as
@@ -329,6 +334,8 @@ class PrunerConfig:
     ratio_start: float = 0.5
     curriculum_frac: float = 0.3
     keep_bias: float = 0.0
+    controller_lr: float = 0.0
+    pruner_norm: bool = True
     sampler: str = "gumbel"
     apply: str = "policy"
     eval_rule: str = "topk"
@@ -358,7 +365,7 @@ class PrunerConfig:
 
 PRUNER_PRESETS = {
     "smoke": PrunerConfig(eval_every=30, eval_questions=500),
-    "full": PrunerConfig(steps=400, batch_size=128, warmup_steps=20, train_questions=None, eval_every=200,
+    "full": PrunerConfig(steps=300, batch_size=128, warmup_steps=20, train_questions=None, eval_every=150,
                          eval_questions=2000, log_every=10, augment={"hflip": 0.5, "max_shift": 2}),
 }
 
@@ -381,7 +388,7 @@ def _student(teacher, cfg: PrunerConfig):
         p.requires_grad_(True)
     hidden = student.config.text_config.hidden_size
     pruner = GumbelVisionPruner(hidden, rule=cfg.eval_rule, ratio=cfg.target_ratio, keep_bias=cfg.keep_bias,
-                                sampler=cfg.sampler)
+                                sampler=cfg.sampler, norm=cfg.pruner_norm)
     return PrunedVLM(student, pruner.to(next(student.parameters()).device))
 
 
@@ -418,6 +425,7 @@ def train_pruner(teacher, processor: VQAProcessor, cfg: PrunerConfig | str | Non
     vlm = _student(teacher, cfg).to(device)
     loss_fn = PruningLoss(cfg.target_ratio, cfg.distill_weight, cfg.sparsity_weight, cfg.distill_temperature,
                           cfg.sparsity, cfg.sparsity_on)
+    controller = DualAscentController(cfg.target_ratio, cfg.controller_lr) if cfg.controller_lr > 0 else None
     train = load_split("train")
     if cfg.train_questions is not None and cfg.train_questions < len(train):
         train = train.subset(cfg.train_questions, seed=cfg.seed)
@@ -431,7 +439,7 @@ def train_pruner(teacher, processor: VQAProcessor, cfg: PrunerConfig | str | Non
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     gen = torch.Generator().manual_seed(cfg.seed)
     keys = ("step", "tau", "sparsity_weight", "target", "ce", "distill", "sparsity", "binarize", "total",
-            "keep_ratio", "keep_prob", "saturated", "train_acc", "mask_binary")
+            "keep_ratio", "keep_prob", "saturated", "train_acc", "mask_binary", "multiplier")
     history = {k: [] for k in keys}
     history.update(val=[], device=device_name(device), config=dataclasses.asdict(cfg))
     batches = _batches_forever(data, processor, cfg, gen)
@@ -458,6 +466,11 @@ def train_pruner(teacher, processor: VQAProcessor, cfg: PrunerConfig | str | Non
         except FloatingPointError as err:
             raise FloatingPointError(f"train_pruner: non-finite loss at step {step} (tau {tau:.3g}); keep tau >= 0.1, "
                                      f"lower the learning rates or disable bf16. {err}") from None
+        if controller is not None and w_s > 0:
+            controller.target_ratio = target
+            kept = visual_keep_ratio(mask if cfg.sparsity_on == "mask" else prob, vmask)
+            loss = loss + controller.penalty(kept)
+            controller.update(visual_keep_ratio(mask.detach(), vmask))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], cfg.grad_clip)
@@ -472,7 +485,8 @@ def train_pruner(teacher, processor: VQAProcessor, cfg: PrunerConfig | str | Non
                            keep_ratio=vk.float().mean().item(),
                            saturated=((p < 0.01) | (p > 0.99)).float().mean().item(),
                            train_acc=(logits.argmax(-1) == answers).float().mean().item(),
-                           mask_binary=bool(((vk == 0) | (vk == 1)).all()))
+                           mask_binary=bool(((vk == 0) | (vk == 1)).all()),
+                           multiplier=controller.multiplier if controller is not None else 0.0)
                 row.update({k: parts[k] for k in ("ce", "distill", "sparsity", "binarize", "total", "keep_prob")})
             for k in keys:
                 history[k].append(row[k])
