@@ -21,6 +21,8 @@ import contextlib
 import dataclasses
 import json
 import math
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +38,8 @@ from .runtime import default_device, device_name, progress, run_mode
 from .vlm import PrunedVLM, build_llava, count_parameters, vlm_config
 
 __all__ = ["TrainConfig", "TEACHER_PRESETS", "teacher_config", "lr_factor", "lr_lambda", "train_teacher", "save_teacher",
-           "load_teacher", "load_or_train_teacher", "teacher_dir", "REPO_ROOT"]
+           "load_teacher", "load_or_train_teacher", "teacher_dir", "REPO_ROOT", "PrunerConfig", "PRUNER_PRESETS",
+           "pruner_config", "train_pruner"]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -262,23 +265,17 @@ def load_or_train_teacher(mode: str | None = None, device=None, retrain: bool = 
         return load_teacher(teacher_dir(mode), device)
     model, processor, history = train_teacher(teacher_config(mode), device)
     info = {k: history[k] for k in ("device", "train_time_s", "parameters", "config", "val")}
-    save_teacher(model, processor, teacher_dir(mode), info)
+    # Save beside the target, then rename: a process that loads concurrently (notebooks run in parallel
+    # in the test suite) never sees a half-written checkpoint; if another process saved first, keep theirs.
+    target = teacher_dir(mode)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    save_teacher(model, processor, tmp, info)
+    try:
+        tmp.rename(target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
     return model, processor, info
-
-
-def main(argv=None):
-    """``vtp-train teacher [--mode smoke|full] [--out DIR]``: train and save a teacher, print test accuracy."""
-    p = argparse.ArgumentParser(prog="vtp-train")
-    p.add_argument("what", choices=["teacher"])
-    p.add_argument("--mode", choices=list(TEACHER_PRESETS), default=None)
-    p.add_argument("--out", default=None)
-    args = p.parse_args(argv)
-    model, processor, history = train_teacher(teacher_config(args.mode))
-    res = accuracy(model, load_split("test"), processor)
-    print(json.dumps({"test_accuracy": res.accuracy, "per_type": res.per_type, "device": history["device"],
-                      "train_time_s": history["train_time_s"], "parameters": history["parameters"]}, indent=2))
-    out = args.out or teacher_dir(args.mode)
-    save_teacher(model, processor, out, {k: history[k] for k in ("device", "train_time_s", "parameters", "config")})
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -503,3 +500,42 @@ def train_pruner(teacher, processor: VQAProcessor, cfg: PrunerConfig | str | Non
         torch.cuda.synchronize(device)
     history["train_time_s"] = time.perf_counter() - start
     return vlm.eval(), history
+
+
+def main(argv=None):
+    """Command line, outside the notebooks:
+
+    * ``vtp-train teacher [--mode smoke|full] [--out DIR]``: train and save a teacher, print test accuracy;
+    * ``vtp-train pruner [--mode smoke|full] [--ratio R] [--seed S] [--out FILE]``: load (or train) the
+      teacher, train a pruner at keep ratio R (lesson 07's recipe), print test accuracy with real removal
+      (top-k at R) and the final training keep ratio, as JSON (also written to FILE).
+    """
+    p = argparse.ArgumentParser(prog="vtp-train")
+    p.add_argument("what", choices=["teacher", "pruner"])
+    p.add_argument("--mode", choices=list(TEACHER_PRESETS), default=None)
+    p.add_argument("--ratio", type=float, default=0.25)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    if args.what == "teacher":
+        model, processor, history = train_teacher(teacher_config(args.mode))
+        res = accuracy(model, load_split("test"), processor)
+        print(json.dumps({"test_accuracy": res.accuracy, "per_type": res.per_type, "device": history["device"],
+                          "train_time_s": history["train_time_s"], "parameters": history["parameters"]}, indent=2))
+        out = args.out or teacher_dir(args.mode)
+        save_teacher(model, processor, out, {k: history[k] for k in ("device", "train_time_s", "parameters", "config")})
+        return
+    teacher, processor, _ = load_or_train_teacher(args.mode)
+    cfg = pruner_config(args.mode, target_ratio=check_ratio(args.ratio, "--ratio"), seed=args.seed)
+    student, history = train_pruner(teacher, processor, cfg)
+    res = accuracy(student, load_split("test"), processor, ratio=cfg.target_ratio)
+    summary = {"ratio": cfg.target_ratio, "seed": cfg.seed, "test_accuracy": res.accuracy, "per_type": res.per_type,
+               "visual_tokens": res.visual_tokens, "final_training_keep_ratio": history["keep_ratio"][-1],
+               "val": history["val"], "train_time_s": history["train_time_s"], "device": history["device"]}
+    print(json.dumps(summary, indent=2))
+    if args.out:
+        Path(args.out).write_text(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()
