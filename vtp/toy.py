@@ -199,7 +199,7 @@ def train_importance_pruner(direction: torch.Tensor, target_ratio: float = 0.25,
         raise ValueError(f'optimizer must be "adam" or "sgd", got {optimizer!r}')
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    pruner = GumbelVisionPruner(direction.numel(), reduction=1).train()
+    pruner = GumbelVisionPruner(direction.numel(), reduction=1, norm=False).train()  # unit-scale toy tokens: the seed scorer
     opt = (torch.optim.Adam if optimizer == "adam" else torch.optim.SGD)(pruner.parameters(), lr=lr)
     loss_fn = PruningLoss(target_ratio, distill_weight=0.0, sparsity_weight=0.0 if dual_lr else sparsity_weight,
                           sparsity=sparsity, binarize_weight=binarize_weight, shift_labels=False)
