@@ -88,3 +88,21 @@ def test_augment_preserves_content():
     # colour histogram barely changes under a 2-pixel shift with edge replication
     diff = (shifted.float().mean((1, 2, 3)) - img.float().mean((1, 2, 3))).abs().max()
     assert diff < 10 and not shifted.equal(img)
+
+
+def test_augment_geometry():
+    g = torch.Generator().manual_seed(0)
+    img = torch.randint(0, 256, (32, 3, 16, 16), dtype=torch.uint8)
+    # identity affine (zoom 1, no shift) resamples pixel centres exactly
+    assert augment_images(img, g, hflip=0.0, scale=(1.0, 1.0)).equal(img)
+    # dihedral transforms permute pixels: every image keeps its sorted pixel values, and some images move
+    out = augment_images(img, g, hflip=0.5, vflip=0.5, rot90=True)
+    assert out.flatten(1).sort(1).values.equal(img.flatten(1).sort(1).values)
+    assert (out != img).flatten(1).any(1).float().mean() > 0.5
+    # a zoom of 2 about the centre: the output's centre 8x8 comes from the input's centre 4x4 (upsampled)
+    z = augment_images(img, g, hflip=0.0, scale=(2.0, 2.0)).float()
+    centre = torch.nn.functional.interpolate(img[:, :, 4:12, 4:12].float(), scale_factor=2, mode="bilinear")
+    assert (z[:, :, 6:10, 6:10] - centre[:, :, 6:10, 6:10]).abs().max() < 1.0
+    for bad in ({"vflip": 1.5}, {"max_shift": -1}, {"scale": (1.2, 0.8)}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            augment_images(img, g, **bad)

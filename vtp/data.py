@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
@@ -258,18 +259,57 @@ def encode_split(split: VQASplit, processor: VQAProcessor, device=None) -> Encod
 
 
 def augment_images(images: torch.Tensor, generator: torch.Generator | None = None, hflip: float = 0.5,
-                   max_shift: int = 0) -> torch.Tensor:
-    """Label-preserving augmentation of uint8 images [B, 3, H, W]: random horizontal flips (probability
-    ``hflip``) and random translations by up to ``max_shift`` pixels (edge pixels replicated).
-    No colour changes (colours are answers) and no vertical flips (easy-VQA triangles point up)."""
-    B = images.shape[0]
+                   max_shift: float = 0, vflip: float = 0.0, rot90: bool = False,
+                   scale: tuple[float, float] | None = None) -> torch.Tensor:
+    r"""Label-preserving augmentation of uint8 images [B, 3, H, W], each image drawn independently:
+
+    * horizontal flips with probability ``hflip``, vertical flips with probability ``vflip``;
+    * ``rot90``: a rotation by a uniformly drawn multiple of 90 degrees (square images);
+    * translations by up to ``max_shift`` pixels: whole pixels with replicated edges when ``scale`` is None,
+      otherwise one bilinear resampling :math:`x_{in} = x_{out} / s - t` (border padding) with a zoom
+      :math:`s \sim U[\text{scale}]` and a shift :math:`t \sim U[-\text{max\_shift}, \text{max\_shift}]^2`.
+
+    No colour changes: colours are answers. Every transform keeps the answer of every easy-VQA question
+    (shape, colour, presence); vertical flips and rotations show triangles pointing down or sideways, which
+    the test images never do.
+    """
+    if images.dim() != 4 or images.dtype != torch.uint8:
+        raise ValueError(f"images must be a uint8 tensor [B, 3, H, W], got {images.dtype} {tuple(images.shape)}")
+    for name, p in (("hflip", hflip), ("vflip", vflip)):
+        if not (0.0 <= p <= 1.0):
+            raise ValueError(f"{name} must be a probability in [0, 1], got {p}")
+    if max_shift < 0:
+        raise ValueError(f"max_shift must be >= 0 pixels, got {max_shift}")
+    if scale is not None and not (0 < scale[0] <= scale[1]):
+        raise ValueError(f"scale must be None or (low, high) with 0 < low <= high, got {scale}")
+    B, _, H, W = images.shape
     dev = images.device
     g_dev = generator.device if generator is not None else dev
-    flip = torch.rand(B, generator=generator, device=g_dev).to(dev) < hflip
-    out = torch.where(flip.view(B, 1, 1, 1), images.flip(-1), images)
-    if max_shift > 0:
-        H, W = out.shape[-2:]
-        dy, dx = torch.randint(-max_shift, max_shift + 1, (2, B), generator=generator, device=g_dev).to(dev)
+
+    def draw(*shape):
+        return torch.rand(*shape, generator=generator, device=g_dev).to(dev)
+
+    out = torch.where((draw(B) < hflip).view(B, 1, 1, 1), images.flip(-1), images)
+    if vflip > 0:
+        out = torch.where((draw(B) < vflip).view(B, 1, 1, 1), out.flip(-2), out)
+    if rot90:
+        if H != W:
+            raise ValueError(f"rot90 needs square images, got {H}x{W}")
+        k = (draw(B) * 4).long().clamp(max=3).view(B, 1, 1, 1)
+        for turns in (1, 2, 3):
+            out = torch.where(k == turns, out.rot90(turns, (-2, -1)), out)
+    if scale is not None:
+        s = scale[0] + (scale[1] - scale[0]) * draw(B)
+        t = (2 * draw(2, B) - 1) * max_shift
+        theta = torch.zeros(B, 2, 3, device=dev)
+        theta[:, 0, 0], theta[:, 1, 1] = 1 / s, 1 / s
+        theta[:, 0, 2], theta[:, 1, 2] = -2 * t[0] / W, -2 * t[1] / H
+        grid = F.affine_grid(theta, (B, 3, H, W), align_corners=False)
+        out = F.grid_sample(out.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
+        return out.round().clamp(0, 255).to(torch.uint8)
+    shift = int(max_shift)
+    if shift > 0:
+        dy, dx = torch.randint(-shift, shift + 1, (2, B), generator=generator, device=g_dev).to(dev)
         rows = (torch.arange(H, device=dev).view(1, H) - dy.view(B, 1)).clamp(0, H - 1)
         cols = (torch.arange(W, device=dev).view(1, W) - dx.view(B, 1)).clamp(0, W - 1)
         out = out.gather(2, rows.view(B, 1, H, 1).expand(B, 3, H, W))
