@@ -68,7 +68,7 @@ class TrainConfig:
     time_budget_s: float | None = None
     seed: int = 0
     bf16: bool = True
-    compile: bool = False
+    compile: bool = False  # torch.compile the loss on CUDA (optional; the presets run eager)
 
     def __post_init__(self):
         for name in ("steps", "batch_size"):
