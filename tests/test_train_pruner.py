@@ -58,3 +58,20 @@ def test_cli_pruner(tmp_path, monkeypatch, teacher, capsys):
     main(["pruner", "--mode", "smoke", "--ratio", "0.5", "--out", str(out)])
     summary = json.loads(out.read_text())
     assert summary["ratio"] == 0.5 and summary["visual_tokens"] == 8.0 and 0 <= summary["test_accuracy"] <= 1
+
+
+def test_vision_lr_trains_vision_tower_and_projector(teacher):
+    model, proc = teacher
+    ref = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def moved(student, part):
+        return any(not torch.equal(v, ref[f"model.{part}.{k}"])
+                   for k, v in getattr(student.llava.model, part).state_dict().items())
+
+    frozen, _ = train_pruner(model, proc, _cfg(steps=4, eval_every=0))
+    assert not moved(frozen, "vision_tower") and not moved(frozen, "multi_modal_projector")
+    tuned, _ = train_pruner(model, proc, _cfg(steps=4, eval_every=0, vision_lr=1e-3))
+    assert moved(tuned, "vision_tower") and moved(tuned, "multi_modal_projector")
+    assert all(torch.equal(v, ref[k]) for k, v in model.state_dict().items())  # the teacher is untouched
+    with pytest.raises(ValueError, match="vision_lr"):
+        pruner_config("smoke", vision_lr=-1.0)
