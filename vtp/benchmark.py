@@ -231,6 +231,7 @@ class DecoderStack:
 
     def __call__(self, h, position_embeddings, cache: KVCache):
         cos, sin = position_embeddings
+        h = h.contiguous()  # a strided input would cost a graph of its own (Dynamo guards on strides)
         for weights, cache_k, cache_v in zip(self.weights, cache.keys, cache.values):
             h = self.fn(h, cos, sin, weights, cache_k, cache_v, self.eps, self.heads)
         return h
@@ -619,7 +620,7 @@ def run_benchmark(cfg: BenchConfig | None = None, log=print) -> dict:
                 if method != "compiled":
                     raise
                 _skip(res, log, B, method, f"torch.compile failed: {type(e).__name__}: {e}")
-                torch.cuda.synchronize()
+                stack = None  # compile afresh for the next batch
                 torch.cuda.empty_cache()
     res["goals"], res["seconds"] = check_goals(res), time.perf_counter() - t0
     return res
