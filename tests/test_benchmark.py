@@ -7,9 +7,11 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoModelForCausalLM
 
 from vtp import GumbelVisionPruner
-from vtp.benchmark import (BenchConfig, KVCache, PrunedPrefill, build_lm, kept_tokens, kv_cache_bytes,
-                           lm_config, main, prefill, prefill_flops, reference_removal, run_layers,
-                           speedup_bound, time_ms)
+from vtp.attention import remove_tokens
+from vtp.benchmark import (BenchConfig, DecoderStack, KVCache, PrunedPrefill, build_lm, check_goals,
+                           kept_tokens, kv_cache_bytes, lm_config, main, prefill, prefill_flops,
+                           reference_removal, run_benchmark, run_layers, speedup_bound, time_ms)
+from vtp.pruner import topk_keep_mask
 
 SHAPE = dict(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
              intermediate_size=16, vocab_size=10)
@@ -101,12 +103,64 @@ def test_selection_is_the_pruners_and_static_removal_equals_library(tiny):
         assert torch.equal(x, y)
 
 
+@pytest.mark.parametrize("B, n_vis, before, n_text", [(1, 40, 0, 8), (3, 50, 4, 9), (2, 30, 7, 7)])
+@pytest.mark.parametrize("ratio, min_keep", [(1.0, 1), (0.5, 1), (0.25, 1), (0.11, 1), (0.01, 1), (0.01, 5)])
+def test_static_selection_equals_topk_mask_and_stable_removal(tiny, B, n_vis, before, n_text, ratio, min_keep):
+    """The direct top-k index == topk_keep_mask + remove_tokens: same index, embeds and positions."""
+    config, model, pruner = tiny
+    pruner = GumbelVisionPruner(config.hidden_size, rule="topk", min_keep=min_keep).eval()
+    pruner.load_state_dict(tiny[2].state_dict())
+    embeds = _embeds(B, n_vis + n_text, config.hidden_size, seed=B + n_vis)
+    run = PrunedPrefill(model, pruner, embeds, n_visual=n_vis, text_before=before, ratio=ratio, removal="static")
+    with torch.no_grad():
+        got = run.select_and_remove()
+        prob = pruner(embeds[:, before:before + n_vis]).keep_prob
+        keep = torch.ones(B, n_vis + n_text, dtype=torch.bool)
+        keep[:, before:before + n_vis] = topk_keep_mask(prob, ratio, None, min_keep).bool()
+        ref = remove_tokens(embeds, keep)
+    assert run.k == max(min_keep, kept_tokens(ratio, n_vis)) and got.embeds.shape[1] == n_text + run.k
+    for x, y in zip(got, ref):
+        assert torch.equal(x, y)
+
+
+def test_static_selection_breaks_ties_like_topk_keep_mask(tiny):
+    """Tied keep probabilities (saturated scores): the earlier visual token wins, as in topk_keep_mask."""
+    config, model, pruner = tiny
+    embeds = _embeds(2, 30, config.hidden_size, seed=11)
+    run = PrunedPrefill(model, pruner, embeds, n_visual=24, text_before=2, ratio=0.25, removal="static")
+    prob = torch.tensor([[1.0, 0.5] * 12, [0.5] * 12 + [1.0] * 12])
+    run._keep_prob = lambda: prob
+    index = run.select_and_remove().index
+    mask = topk_keep_mask(prob, 0.25).bool()
+    expected = torch.stack([torch.cat([torch.arange(2), m.nonzero()[:, 0] + 2, torch.arange(26, 30)]) for m in mask])
+    assert torch.equal(index, expected) and index[0, 2:8].tolist() == [2, 4, 6, 8, 10, 12]
+
+
+def test_decoder_stack_equals_the_modules(tiny):
+    """The functional layer (uncompiled) computes what LlamaDecoderLayer does, cache included."""
+    config, model, _ = tiny
+    embeds = _embeds(2, 12, config.hidden_size, seed=9)
+    pos = torch.arange(12).expand(2, 12)
+    caches = [KVCache(config, 2, 13, dtype=torch.float32) for _ in range(2)]
+    with torch.no_grad():
+        ref = prefill(model, embeds, pos, caches[0])
+        out = prefill(model, embeds, pos, caches[1], DecoderStack(model))
+        with pytest.raises(ValueError, match="empty cache"):
+            run_layers(model, embeds, pos, caches[1], DecoderStack(model))
+    for x, y in zip(out, ref):
+        torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-6)
+    for a, b in zip(caches[0].keys + caches[0].values, caches[1].keys + caches[1].values):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("stack", [False, True])
 @pytest.mark.parametrize("removal", ["library", "static"])
-def test_pruned_prefill_equals_reference_removal(tiny, removal):
+def test_pruned_prefill_equals_reference_removal(tiny, removal, stack):
     config, model, pruner = tiny
     B, n_vis, before, n_text = 2, 40, 3, 8
     embeds = _embeds(B, n_vis + n_text, config.hidden_size, seed=5)
-    run = PrunedPrefill(model, pruner, embeds, n_visual=n_vis, text_before=before, ratio=0.25, removal=removal)
+    run = PrunedPrefill(model, pruner, embeds, n_visual=n_vis, text_before=before, ratio=0.25, removal=removal,
+                        layers=DecoderStack(model) if stack else None)
     with torch.no_grad():
         hidden, logits = run()
         # independent selection: torch.topk of the keep probabilities, in original order
@@ -189,3 +243,39 @@ def test_cli_smoke_writes_json(tmp_path):
     assert [d["cache_len"] for d in saved["decode"]] == [640, 208]
     assert [g["goal"] for g in saved["goals"]] == [
         f"pruner overhead / pruned prefill, batch 2 (worst ratio) [{m} removal]" for m in ("library", "static")]
+
+
+def test_compile_is_skipped_without_cuda_graphs_and_best_goal_is_labelled():
+    res = run_benchmark(BenchConfig.smoke(batches=(1,), ratios=(0.25,), repeats=1, warmup=0, decode=False,
+                                          device="cpu"), log=lambda s: None)
+    assert [(s["batch"], s["method"]) for s in res["skipped"]] == [(1, "compiled")]
+    assert "CUDA" in res["skipped"][0]["reason"] and {r["method"] for r in res["prefill"]} == {"eager"}
+    best = [g for g in res["goals"] if g["method"] == "best"]
+    assert [g["goal"].split(" [")[0] for g in best] == ["speedup, keep 0.25, batch 1",
+                                                        "pruner overhead / pruned prefill, batch 1 (worst ratio)"]
+    assert all(g["removal"] == "best" and "[best: eager, " in g["goal"] for g in best)
+    # the best row is the fastest of every method and removal measured at batch 1, keep 0.25
+    rows = [dict(method=m, removal=r, batch=1, keep_ratio=0.25, speedup=s, overhead_frac=o)
+            for m, r, s, o in [("graph", "library", 1.8, 0.03), ("graph", "static", 1.85, 0.01),
+                               ("compiled", "library", 2.0, 0.02), ("compiled", "static", 2.1, 0.008)]]
+    goals = check_goals(dict(prefill=rows))
+    best = [g for g in goals if g["method"] == "best"]
+    assert [(g["goal"], g["met"]) for g in best] == [
+        ("speedup, keep 0.25, batch 1 [best: compiled, static removal]", True),
+        ("pruner overhead / pruned prefill, batch 1 (worst ratio) [best: compiled, static removal]", True)]
+    assert [g["met"] for g in goals if g["method"] == "graph" and "speedup" in g["goal"]] == [False, False]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs and torch.compile need a GPU")
+def test_compiled_graphs_equal_reference_on_cuda():
+    config = lm_config("tiny")
+    model = build_lm(config, "cuda", torch.float32, seed=0)
+    pruner = GumbelVisionPruner(config.hidden_size, rule="topk").cuda().eval()
+    embeds = _embeds(2, 48, config.hidden_size, seed=5).cuda()
+    stack = DecoderStack(model, compile=True)
+    with torch.no_grad():
+        for removal in ("library", "static"):
+            run = PrunedPrefill(model, pruner, embeds, 40, 3, 0.25, graphs=True, removal=removal, layers=stack)
+            hidden = run()[0].clone()
+            ref = reference_removal(model, embeds, run.select_and_remove().index)
+            torch.testing.assert_close(hidden, ref, rtol=1e-4, atol=1e-4)

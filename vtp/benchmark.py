@@ -17,9 +17,12 @@ ids, and the shorter sequence goes through the model.
 plus :math:`2BdV` for the last token's logits; the pruner adds :math:`2BN(d^2/r + 2d/r)`. The **bound** on
 the speedup is :math:`F(L_\text{full}) / (F(L_\text{kept}) + F_\text{pruner})`.
 
-**Timing**: CUDA events after warm-up, median of ``repeats`` runs, each starting on an idle GPU. On CUDA
-both paths run as CUDA graphs (static shapes); only ``remove_tokens`` runs eagerly between the pruner's
-graph and the model's, because it reads the kept count back to size its output.
+**Timing**: CUDA events after warm-up, median of ``repeats`` runs, each starting on an idle GPU. Methods:
+``eager`` (one launch per kernel), ``graph`` (CUDA graphs, static shapes) and ``compiled`` (the decoder layer
+compiled by ``torch.compile`` as one function shared by all layers, see :class:`DecoderStack`, then captured
+in CUDA graphs like ``graph``); full and pruned prefill are always timed with the same method. With
+``removal="library"``, ``remove_tokens`` runs eagerly between the pruner's graph and the model's, because it
+reads the kept count back to size its output; ``removal="static"`` needs no read-back (one graph).
 ``python -m vtp.benchmark`` (GPU: LLaVA-7B shape, writes JSON), ``python -m vtp.benchmark --smoke`` (CPU).
 """
 from __future__ import annotations
@@ -33,6 +36,7 @@ from pathlib import Path
 from statistics import median, quantiles
 
 import torch
+import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
@@ -42,9 +46,9 @@ from .pruner import GumbelVisionPruner, check_ratio, topk_keep_mask
 from .runtime import default_device, device_name, run_mode
 
 __all__ = ["LLAVA_7B", "TINY", "BenchConfig", "KVCache", "lm_config", "build_lm", "prefill_flops",
-           "pruner_flops", "kept_tokens", "speedup_bound", "kv_cache_bytes", "run_layers", "prefill",
-           "PrunedPrefill", "reference_removal", "time_ms", "run_benchmark", "check_goals", "format_table",
-           "main"]
+           "pruner_flops", "kept_tokens", "speedup_bound", "kv_cache_bytes", "decoder_layer", "DecoderStack",
+           "run_layers", "prefill", "PrunedPrefill", "reference_removal", "time_ms", "run_benchmark", "check_goals",
+           "format_table", "main"]
 
 LLAVA_7B = dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
                 intermediate_size=11008, vocab_size=32000)
@@ -156,32 +160,116 @@ class KVCache:
         return 2 * len(self.keys) * k.shape[0] * k.shape[1] * self.length * k.shape[3] * k.element_size()
 
 
-def run_layers(model, embeds: torch.Tensor, position_ids: torch.Tensor, cache: KVCache | None = None):
+def _rms_norm(x, weight, eps: float):
+    """RMSNorm as ``LlamaRMSNorm`` computes it: in float32, rounded back before the weight."""
+    x32 = x.float()
+    return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def _rope(x, cos, sin):
+    """Rotary embedding of ``x`` [B, heads, L, hd]: ``x cos + rotate_half(x) sin``."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos.unsqueeze(1) + torch.cat((-x2, x1), dim=-1) * sin.unsqueeze(1)
+
+
+def decoder_layer(h, cos, sin, weights, cache_k, cache_v, eps: float, heads: int):
+    r"""One Llama decoder layer of a prefill from position 0, written as plain tensor operations (what
+    ``LlamaDecoderLayer`` computes with SDPA attention and no biases):
+
+    .. math::
+        x = h + W_o\,\mathrm{attn}\big(R(W_q n_1(h)),\, R(W_k n_1(h)),\, W_v n_1(h)\big),\qquad
+        \text{out} = x + W_\text{down}\big(\mathrm{silu}(W_\text{gate} n_2(x)) \odot W_\text{up} n_2(x)\big)
+
+    with :math:`n_i` RMSNorm, :math:`R` the rotary embedding (``cos``, ``sin`` [B, L, head_dim]) and causal
+    attention. The keys and values land in ``cache_k``, ``cache_v`` [B, kv_heads, capacity, head_dim] at
+    ``[0, L)``. ``weights`` = (n_1, W_q, W_k, W_v, W_o, n_2, W_gate, W_up, W_down) are arguments, not module
+    state, so one compiled graph serves every layer.
+    """
+    ln1, wq, wk, wv, wo, ln2, wg, wu, wd = weights
+    B, L, d = h.shape
+    x = _rms_norm(h, ln1, eps)
+    q = F.linear(x, wq).view(B, L, heads, -1).transpose(1, 2)
+    k = F.linear(x, wk).view(B, L, -1, q.shape[-1]).transpose(1, 2)
+    v = F.linear(x, wv).view(B, L, -1, q.shape[-1]).transpose(1, 2)
+    q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+    cache_k[:, :, :L] = k
+    cache_v[:, :, :L] = v
+    a = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != heads)
+    h = h + F.linear(a.transpose(1, 2).reshape(B, L, d), wo)
+    x = _rms_norm(h, ln2, eps)
+    return h + F.linear(F.silu(F.linear(x, wg)) * F.linear(x, wu), wd)
+
+
+class DecoderStack:
+    """A Llama model's decoder layers as :func:`decoder_layer` applied with each layer's weights, optionally
+    compiled (``compile=True``) by ``torch.compile(decoder_layer, dynamic=False)``.
+
+    All layers have the same shapes, so Dynamo traces ONE graph per (batch, length) and every layer reuses
+    it. Inductor fuses each run of elementwise kernels (RMSNorm, RoPE with the cache write, SiLU times up,
+    the residual adds) into one kernel; the matrix products stay cuBLAS calls and attention SDPA's flash
+    kernel. The result is ordinary kernel launches, which a CUDA graph captures like eager ones.
+    ``autotune=True`` also lets Inductor benchmark matrix-product kernels (slow to compile).
+    """
+
+    def __init__(self, model, compile: bool = False, autotune: bool = False):
+        c = model.config
+        if c.hidden_act != "silu" or getattr(c, "attention_bias", False) or getattr(c, "mlp_bias", False):
+            raise ValueError("DecoderStack expects a Llama config with SiLU and no biases")
+        self.eps, self.heads, self.fn = c.rms_norm_eps, c.num_attention_heads, decoder_layer
+        self.weights = [tuple(w.detach() for w in (l.input_layernorm.weight, l.self_attn.q_proj.weight,
+                                                   l.self_attn.k_proj.weight, l.self_attn.v_proj.weight,
+                                                   l.self_attn.o_proj.weight, l.post_attention_layernorm.weight,
+                                                   l.mlp.gate_proj.weight, l.mlp.up_proj.weight,
+                                                   l.mlp.down_proj.weight))
+                        for l in model.model.layers]
+        if compile:
+            dynamo = torch._dynamo.config  # one graph per (batch, length): allow more than the default 8
+            dynamo.recompile_limit = max(dynamo.recompile_limit, 64)
+            # round where the eager code rounds (RMSNorm's cast back), so the fused kernels match eager closely
+            options = {"emulate_precision_casts": True, "max_autotune": autotune}
+            self.fn = torch.compile(decoder_layer, dynamic=False, options=options)
+
+    def __call__(self, h, position_embeddings, cache: KVCache):
+        cos, sin = position_embeddings
+        h = h.contiguous()  # a strided input would cost a graph of its own (Dynamo guards on strides)
+        for weights, cache_k, cache_v in zip(self.weights, cache.keys, cache.values):
+            h = self.fn(h, cos, sin, weights, cache_k, cache_v, self.eps, self.heads)
+        return h
+
+
+def run_layers(model, embeds: torch.Tensor, position_ids: torch.Tensor, cache: KVCache | None = None,
+               layers: DecoderStack | None = None):
     """The decoder stack of a transformers Llama model on ``embeds`` [B, L, d] with ``position_ids`` [B, L].
 
     Same modules as ``model.model.forward``; the attention mask is left to SDPA's ``is_causal`` (no padding:
     the top-k budget gives every sample the same length), so the flash kernel runs, and nothing reads
     tensors back to the host, so the whole call can be captured in a CUDA graph. Returns the final-norm
     hidden states [B, L, d]; with a ``cache``, K/V are written into it and ``cache.length`` advances.
+    ``layers`` (a :class:`DecoderStack`, prefill into an empty ``cache`` only) replaces the modules' forward.
     """
     if model.config._attn_implementation != "sdpa":  # eager attention would ignore causality without a mask
         raise ValueError(f"model must use attn_implementation='sdpa', got {model.config._attn_implementation!r}")
     base = model.model
     pos_emb = base.rotary_emb(embeds, position_ids)
-    h = embeds
-    for layer in base.layers:
-        h = layer(h, attention_mask=None, position_ids=position_ids, position_embeddings=pos_emb,
-                  **{_CACHE_KW: cache})
+    if layers is not None:
+        if cache is None or cache.length != 0:
+            raise ValueError("layers=DecoderStack runs a prefill: it needs an empty cache")
+        h = layers(embeds, pos_emb, cache)
+    else:
+        h = embeds
+        for layer in base.layers:
+            h = layer(h, attention_mask=None, position_ids=position_ids, position_embeddings=pos_emb,
+                      **{_CACHE_KW: cache})
     if cache is not None:
         cache.length += embeds.shape[1]
     return base.norm(h)
 
 
-def prefill(model, embeds, position_ids, cache: KVCache | None = None):
+def prefill(model, embeds, position_ids, cache: KVCache | None = None, layers: DecoderStack | None = None):
     """Prefill: fill ``cache`` from position 0 and return (hidden [B, L, d], logits of the last token [B, V])."""
     if cache is not None:
         cache.length = 0
-    hidden = run_layers(model, embeds, position_ids, cache)
+    hidden = run_layers(model, embeds, position_ids, cache, layers)
     return hidden, model.lm_head(hidden[:, -1])
 
 
@@ -193,16 +281,18 @@ class PrunedPrefill:
 
     ``embeds`` [B, n_text + n_visual, d] holds ``text_before`` text tokens, then the visual tokens, then the
     rest of the text; ``ratio=None`` is the unpruned baseline. Calling the object runs one prefill and
-    returns ``(hidden, logits)``; :meth:`select_and_remove` is the pruner's share of the work.
+    returns ``(hidden, logits)``; :meth:`select_and_remove` is the pruner's share of the work. ``layers``
+    (a :class:`DecoderStack`, compiled or not) replaces the decoder modules' forward.
 
-    ``removal="library"`` removes tokens with :func:`vtp.attention.remove_tokens`, which reads the kept count
-    back to the host (it must size its output), so in graph mode it runs eagerly between two graphs.
-    ``removal="static"`` uses the kept count known in advance (top-k budget) and gathers without a
+    ``removal="library"`` builds the keep mask over all L tokens and removes tokens with
+    :func:`vtp.attention.remove_tokens`, which reads the kept count back to the host (it must size its
+    output), so in graph mode it runs eagerly between two graphs. ``removal="static"`` uses the kept count
+    known in advance (top-k budget): it gathers the kept index directly (:meth:`_static_select`), without a
     read-back, so pruner, removal and model form a single graph; its output is identical.
     """
 
     def __init__(self, model, pruner, embeds, n_visual: int, text_before: int = 0, ratio=None,
-                 graphs: bool = False, removal: str = "library"):
+                 graphs: bool = False, removal: str = "library", layers: DecoderStack | None = None):
         B, L, _ = embeds.shape
         if not 1 <= n_visual < L:
             raise ValueError(f"n_visual must be in [1, {L - 1}] (sequence length {L}), got {n_visual}")
@@ -210,46 +300,66 @@ class PrunedPrefill:
             raise ValueError(f"text_before must be in [0, {L - n_visual}], got {text_before}")
         if removal not in REMOVALS:
             raise ValueError(f"removal must be one of {REMOVALS}, got {removal!r}")
-        self.model, self.pruner, self.embeds, self.removal = model, pruner, embeds, removal
+        self.model, self.pruner, self.embeds, self.removal, self.layers = model, pruner, embeds, removal, layers
         self.ratio = None if ratio is None else check_ratio(ratio)
         self.vis = slice(text_before, text_before + n_visual)
-        self.positions = torch.arange(L, device=embeds.device).expand(B, L)
+        self.k = n_visual if ratio is None else kept_tokens(ratio, n_visual, pruner.min_keep)
+        self.seq_len = L - n_visual + self.k
+        positions = torch.arange(L, device=embeds.device)
+        self.positions = positions.expand(B, L)
+        # constant parts of the static removal: the text positions, and every sample keeps seq_len tokens
+        self._text = (positions[:text_before].expand(B, -1), positions[self.vis.stop:].expand(B, -1))
+        self._ones = torch.ones(B, self.seq_len, dtype=torch.long, device=embeds.device)
+        self._lengths = torch.full((B,), self.seq_len, dtype=torch.long, device=embeds.device)
         self.graphs = graphs and embeds.is_cuda
-        self.seq_len = L if ratio is None else L - n_visual + kept_tokens(ratio, n_visual, pruner.min_keep)
         self.cache = KVCache(model.config, B, self.seq_len + 1, embeds.device, embeds.dtype)  # +1: a decode step
         if not self.graphs:
             return
         if ratio is None:
-            self._graph, self._out = _capture(lambda: prefill(model, embeds, self.positions, self.cache))
+            self._graph, self._out = _capture(lambda: self._prefill(embeds, self.positions))
         elif removal == "static":  # everything in one graph, plus the selection alone to time its share
-            self._select_graph, self._removed = _capture(lambda: self._static_removal(self._keep_mask()))
+            self._select_graph, self._removed = _capture(self._static_select)
             self._graph, self._out = _capture(self._static_step)
         else:  # graph 1: scoring + top-k; eager remove_tokens; graph 2: the model on static inputs
             self._select_graph, self._keep = _capture(self._keep_mask)
             self._in = (embeds[:, :self.seq_len].clone(), self.positions[:, :self.seq_len].clone())
-            self._graph, self._out = _capture(lambda: prefill(model, *self._in, self.cache))
+            self._graph, self._out = _capture(lambda: self._prefill(*self._in))
+
+    def _prefill(self, embeds, position_ids):
+        return prefill(self.model, embeds, position_ids, self.cache, self.layers)
+
+    def _keep_prob(self) -> torch.Tensor:
+        """The pruner's keep probabilities [B, n_visual], through its parts (LayerNorm, scorer, softmax):
+        ``pruner.forward`` also re-checks its validity mask on the host, a read-back that a CUDA graph
+        cannot contain."""
+        return keep_probability(self.pruner.scorer(self.pruner.norm(self.embeds[:, self.vis])))
 
     def _keep_mask(self) -> torch.Tensor:
-        """Keep mask [B, L]: text always kept, visual tokens by the pruner's eval-mode top-k rule.
-
-        Called through its parts (scorer, keep probability, :func:`vtp.pruner.topk_keep_mask`), the same
-        computation as ``pruner(tokens, rule="topk")``: ``forward`` also re-checks its validity mask on the
-        host, a read-back that a CUDA graph cannot contain."""
-        prob = keep_probability(self.pruner.scorer(self.pruner.norm(self.embeds[:, self.vis])))
+        """Keep mask [B, L]: text always kept, visual tokens by the pruner's eval-mode top-k rule
+        (:func:`vtp.pruner.topk_keep_mask`), the same computation as ``pruner(tokens, rule="topk")``."""
         keep = torch.ones(self.embeds.shape[:2], dtype=torch.bool, device=self.embeds.device)
-        keep[:, self.vis] = topk_keep_mask(prob, self.ratio, None, self.pruner.min_keep).bool()
+        keep[:, self.vis] = topk_keep_mask(self._keep_prob(), self.ratio, None, self.pruner.min_keep).bool()
         return keep
 
-    def _static_removal(self, keep) -> Removed:
-        """``remove_tokens`` for a kept count known in advance (every sample keeps ``seq_len``)."""
-        index = torch.argsort((~keep).to(torch.int8), dim=-1, stable=True)[:, :self.seq_len]
+    def _static_select(self) -> Removed:
+        """Top-k selection and removal for the kept count ``k`` known in advance, with one gather:
+
+        kept index = [0, text_before) ++ (text_before + the k best visual tokens, ascending) ++ the rest of
+        the text. The same tokens, in the same order, as :meth:`_keep_mask` then ``remove_tokens``, with a
+        handful of kernels instead of a mask over all L tokens and its sort. The k best are the first k of a
+        stable descending sort of the keep probabilities, exactly ``topk_keep_mask``'s rank < k: a tie goes to
+        the earlier token. (``torch.topk`` leaves ties unspecified, and they do occur: float32 rounds
+        p = sigmoid(l_keep - l_drop) to 1.0 for logit gaps above about 17. For the same reason the ranking is
+        on p, not on the logit gap, although sigmoid is monotone.)
+        """
+        best = self._keep_prob().argsort(dim=-1, descending=True, stable=True)[:, :self.k]
+        index = torch.cat([self._text[0], best.sort(dim=-1).values + self.vis.start, self._text[1]], dim=1)
         embeds = self.embeds.gather(1, index.unsqueeze(-1).expand(-1, -1, self.embeds.shape[-1]))
-        lengths = torch.full_like(index[:, 0], self.seq_len)
-        return Removed(embeds, self.positions.gather(1, index), torch.ones_like(index), index, lengths)
+        return Removed(embeds, index, self._ones, index, self._lengths)  # position ids = original positions
 
     def _static_step(self):
-        removed = self._static_removal(self._keep_mask())
-        return prefill(self.model, removed.embeds, removed.position_ids, self.cache)
+        removed = self._static_select()
+        return self._prefill(removed.embeds, removed.position_ids)
 
     def select_and_remove(self) -> Removed:
         """Score, top-k and physically remove: the pruner's share of the pruned prefill."""
@@ -257,7 +367,7 @@ class PrunedPrefill:
             if self.graphs:
                 self._select_graph.replay()
                 return self._removed
-            return self._static_removal(self._keep_mask())
+            return self._static_select()
         if self.graphs:
             self._select_graph.replay()
         removed = remove_tokens(self.embeds, self._keep if self.graphs else self._keep_mask(), self.positions)
@@ -270,10 +380,10 @@ class PrunedPrefill:
             self._graph.replay()
             return self._out
         if self.ratio is None:
-            return prefill(self.model, self.embeds, self.positions, self.cache)
+            return self._prefill(self.embeds, self.positions)
         removed = self.select_and_remove()
         if not self.graphs:
-            return prefill(self.model, removed.embeds, removed.position_ids, self.cache)
+            return self._prefill(removed.embeds, removed.position_ids)
         self._in[0].copy_(removed.embeds)
         self._in[1].copy_(removed.position_ids)
         self._graph.replay()
@@ -281,7 +391,8 @@ class PrunedPrefill:
 
 
 def _capture(fn, warmup: int = 2):
-    """Warm ``fn`` up on a side stream, then capture one call in a CUDA graph; returns (graph, output)."""
+    """Warm ``fn`` up on a side stream, then capture one call in a CUDA graph; returns (graph, output).
+    The warm-up runs also compile a ``torch.compile`` function, before the capture begins."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -362,6 +473,8 @@ class BenchConfig:
     repeats: int = 25
     graphs: bool = True  # CUDA graphs on CUDA (ignored on the CPU)
     eager_batches: tuple = (1, 8)  # batches also timed without graphs, to show the launch overhead
+    compile_batches: tuple = (1,)  # batches also timed with the compiled decoder layer (CUDA graphs, CUDA only)
+    compile_autotune: bool = False  # let torch.compile benchmark matrix-product kernels too (minutes more)
     decode: bool = True
     dtype: str = "bfloat16"
     device: str | None = None
@@ -376,7 +489,7 @@ class BenchConfig:
         lm_config(self.shape)
         if not self.batches or not self.ratios:
             raise ValueError(f"batches and ratios must not be empty, got {self.batches}, {self.ratios}")
-        for b in self.batches:
+        for b in (*self.batches, *self.eager_batches, *self.compile_batches):
             _pos_int(b, "batches")
         for r in self.ratios:
             check_ratio(r, "ratios")
@@ -412,26 +525,60 @@ def _decode(run: PrunedPrefill, cfg, device) -> dict:
     return dict(batch=B, cache_len=run.seq_len, kv_cache_mb=mb, step_ms=t, tokens_per_s=1e3 * B / t)
 
 
-def _verify(model, pruner, embeds, cfg) -> dict:
-    """Before timing (keep 0.25): graphed == eager pruned prefill, for both removals, and == the reference."""
+def _verify(model, pruner, embeds, cfg, layers=None, tag="") -> dict:
+    """Before timing (keep 0.25): graphed (with ``layers``, if given) vs eager pruned prefill, for both
+    removals, and vs the reference; keys ``{tag}{removal}_graph_vs_eager`` and ``..._vs_reference``."""
     args = (model, pruner, embeds, cfg.n_visual, cfg.text_before, 0.25)
     h_eager = PrunedPrefill(*args, graphs=False)()[0].clone()
     out = {}
     for removal in REMOVALS:
-        graphed = PrunedPrefill(*args, graphs=True, removal=removal)
+        graphed = PrunedPrefill(*args, graphs=True, removal=removal, layers=layers)
         graphed._out[0].fill_(float("nan"))  # poison: the replay must write every element
         h = graphed()[0].clone()
         if not bool(torch.isfinite(h).all()):
-            raise RuntimeError(f"graphed prefill ({removal} removal) left non-finite outputs")
+            raise RuntimeError(f"graphed prefill ({tag}{removal} removal) left non-finite outputs")
         ref = reference_removal(model, embeds, graphed.select_and_remove().index)
-        out.update({f"{removal}_graph_vs_eager": _rel_err(h, h_eager), f"{removal}_graph_vs_reference": _rel_err(h, ref)})
+        out[f"{tag}{removal}_graph_vs_eager"] = _rel_err(h, h_eager)
+        out[f"{tag}{removal}_graph_vs_reference"] = _rel_err(h, ref)
         del graphed
     return out
 
 
+def _measure(res, model, pruner, embeds, cfg, method: str, main: str, layers, device, log):
+    """Full prefill, then pruned prefill at every ratio and removal, all timed with ``method``; appends the
+    rows (and, for the main method, the decode rows) to ``res``."""
+    graphs, args = method != "eager", (model, pruner, embeds, cfg.n_visual, cfg.text_before)
+    full = PrunedPrefill(*args, None, graphs, layers=layers)
+    full_t = time_ms(full, cfg.warmup, cfg.repeats, device)
+    if cfg.decode and method == main:
+        res["decode"].append(_decode(full, cfg, device))
+    del full
+    removals = REMOVALS[:1] if method == "eager" and method != main else REMOVALS
+    for r, removal in [(r, m) for r in cfg.ratios for m in removals]:
+        run = PrunedPrefill(*args, r, graphs, removal, layers)
+        t = time_ms(run, cfg.warmup, cfg.repeats, device)
+        over = time_ms(run.select_and_remove, cfg.warmup, cfg.repeats, device)
+        res["prefill"].append(_row(model.config, cfg, res, method, removal, embeds.shape[0], r, full_t, t, over))
+        log(_fmt_row(res["prefill"][-1]))
+        if cfg.decode and method == main and r < 1 and removal == "library":
+            res["decode"].append(_decode(run, cfg, device))
+        del run
+        if embeds.is_cuda:
+            torch.cuda.empty_cache()
+
+
+def _skip(res, log, batch, method, reason):
+    res["skipped"].append(dict(batch=batch, method=method, reason=reason))
+    log(f"batch {batch} ({method}): skipped, {reason}")
+
+
 @torch.no_grad()
 def run_benchmark(cfg: BenchConfig | None = None, log=print) -> dict:
-    """Measure full vs pruned prefill (and decode) for every batch and keep ratio of ``cfg``; JSON-ready dict."""
+    """Measure full vs pruned prefill (and decode) for every batch and keep ratio of ``cfg``; JSON-ready dict.
+
+    Methods per batch: the main one (``graph`` on CUDA, else ``eager``), ``compiled`` for ``compile_batches``
+    (CUDA graphs only; a compile error is recorded in ``skipped``, not raised) and ``eager`` for
+    ``eager_batches``."""
     cfg = (cfg or (BenchConfig() if run_mode() == "full" else BenchConfig.smoke())).validate()
     device = torch.device(cfg.device) if cfg.device else default_device()
     cuda, dtype = device.type == "cuda", getattr(torch, cfg.dtype)
@@ -444,37 +591,36 @@ def run_benchmark(cfg: BenchConfig | None = None, log=print) -> dict:
                model={k: getattr(config, k) for k in LLAVA_7B}, weight_bytes=weights,
                roofline=measure_roofline(device) if cuda else None, checks={}, prefill=[], decode=[], skipped=[])
     log(f"{res['device']}: model built in {time.perf_counter() - t0:.1f} s")
-    main_method = "graph" if cuda and cfg.graphs else "eager"
+    main = "graph" if cuda and cfg.graphs else "eager"
+    stack = None  # the compiled DecoderStack, built once: its graphs are shared by every batch
     for B in cfg.batches:
         embeds = torch.randn(B, L, config.hidden_size, device=device, dtype=dtype,
                              generator=torch.Generator(device).manual_seed(cfg.seed + B))
-        if main_method == "graph" and not res["checks"]:
-            res["checks"] = _verify(model, pruner, embeds, cfg)
-            log(f"checks: {res['checks']}")
-        methods = [main_method] + (["eager"] if main_method == "graph" and B in cfg.eager_batches else [])
+        methods = [main]
+        if B in cfg.compile_batches:
+            if main == "graph":
+                methods.append("compiled")
+            else:
+                _skip(res, log, B, "compiled", "torch.compile lever: CUDA with CUDA graphs only")
+        if main == "graph" and B in cfg.eager_batches:
+            methods.append("eager")
         for method in methods:
-            graphs = method == "graph"
             try:
-                full = PrunedPrefill(model, pruner, embeds, cfg.n_visual, cfg.text_before, None, graphs)
-                full_t = time_ms(full, cfg.warmup, cfg.repeats, device)
-                if cfg.decode and method == main_method:
-                    res["decode"].append(_decode(full, cfg, device))
-                del full
-                removals = REMOVALS if method == main_method else REMOVALS[:1]
-                for r, removal in [(r, m) for r in cfg.ratios for m in removals]:
-                    run = PrunedPrefill(model, pruner, embeds, cfg.n_visual, cfg.text_before, r, graphs, removal)
-                    t = time_ms(run, cfg.warmup, cfg.repeats, device)
-                    over = time_ms(run.select_and_remove, cfg.warmup, cfg.repeats, device)
-                    res["prefill"].append(_row(config, cfg, res, method, removal, B, r, full_t, t, over))
-                    log(_fmt_row(res["prefill"][-1]))
-                    if cfg.decode and method == main_method and r < 1 and removal == "library":
-                        res["decode"].append(_decode(run, cfg, device))
-                    del run
-                    if cuda:
-                        torch.cuda.empty_cache()
+                if method == "compiled":
+                    stack = stack or DecoderStack(model, compile=True, autotune=cfg.compile_autotune)
+                layers, tag = (stack, "compiled_") if method == "compiled" else (None, "")
+                if method != "eager" and f"{tag}static_graph_vs_reference" not in res["checks"]:
+                    res["checks"].update(_verify(model, pruner, embeds, cfg, layers, tag))
+                    log(f"checks: {res['checks']}")
+                _measure(res, model, pruner, embeds, cfg, method, main, layers, device, log)
             except torch.cuda.OutOfMemoryError:
-                res["skipped"].append(dict(batch=B, method=method, reason="out of memory"))
-                log(f"batch {B} ({method}): out of memory, skipped")
+                _skip(res, log, B, method, "out of memory")
+                torch.cuda.empty_cache()
+            except Exception as e:  # the compiled lever is optional: record why it failed and go on
+                if method != "compiled":
+                    raise
+                _skip(res, log, B, method, f"torch.compile failed: {type(e).__name__}: {e}")
+                stack = None  # compile afresh for the next batch
                 torch.cuda.empty_cache()
     res["goals"], res["seconds"] = check_goals(res), time.perf_counter() - t0
     return res
@@ -501,40 +647,60 @@ def _row(config, cfg, res, method, removal, B, r, full_t, t, over) -> dict:
 
 
 def _fmt_row(r) -> str:
-    return (f"{r['method']:>5} {r['removal']:>7} B={r['batch']:<3d} keep={r['keep_ratio']:<5g}({r['visual_kept']:>3d} vis) "
+    return (f"{r['method']:>8} {r['removal']:>7} B={r['batch']:<3d} keep={r['keep_ratio']:<5g}({r['visual_kept']:>3d} vis) "
             f"full {r['full_ms']:8.2f} ms  pruned {r['pruned_ms']:8.2f} ms  speedup {r['speedup']:5.2f}x  "
             f"bound {r['bound']:5.2f}x ({r['fraction_of_bound']:4.0%})  pruner {r['overhead_frac']:6.2%}")
 
 
 def check_goals(res: dict) -> list[dict]:
-    """The lesson's speed goals: target, measured value, met or not, on the main method's rows (graphs on
-    CUDA), for each removal; the ``library`` rows are the ones the goals are about."""
-    goals, main_method = [], res["prefill"][0]["method"] if res["prefill"] else None
+    """The lesson's speed goals: target, measured value, met or not.
+
+    First on the main method's rows (graphs on CUDA), for each removal; the ``library`` rows are the ones
+    the goals are about. Then the batch-1 goals once more for the fastest method and removal at keep 0.25
+    (``compiled`` where it ran), labelled ``[best: method, removal]``, with ``method`` and ``removal`` "best".
+    """
+    rows, goals = res["prefill"], []
+    main = rows[0]["method"] if rows else None
+
+    def add(name, label, target, value, met, method, removal):
+        goals.append(dict(goal=f"{name} [{label}]", method=method, removal=removal, target=target,
+                          measured=value, met=bool(met)))
+
+    def worst_overhead(B, method, removal):
+        return max(r["overhead_frac"] for r in rows
+                   if r["batch"] == B and r["method"] == method and r["removal"] == removal)
+
     for removal in REMOVALS:
-        rows = [r for r in res["prefill"] if r["method"] == main_method and r["removal"] == removal]
-        at = {(r["batch"], r["keep_ratio"]): r for r in rows}
-
-        def add(name, target, value, met):
-            goals.append(dict(goal=f"{name} [{removal} removal]", removal=removal, target=target,
-                              measured=value, met=bool(met)))
-
+        at = {(r["batch"], r["keep_ratio"]): r for r in rows if r["method"] == main and r["removal"] == removal}
+        label = f"{removal} removal"
         for B in (8, 32):
             if (B, 0.25) in at:
                 frac = at[B, 0.25]["fraction_of_bound"]
-                add(f"speedup / FLOPs bound, keep 0.25, batch {B}", ">= 0.90", frac, frac >= 0.90)
+                add(f"speedup / FLOPs bound, keep 0.25, batch {B}", label, ">= 0.90", frac, frac >= 0.90, main, removal)
         if (1, 0.25) in at:
-            add("speedup, keep 0.25, batch 1", ">= 2.0", at[1, 0.25]["speedup"], at[1, 0.25]["speedup"] >= 2.0)
-        for B in sorted({r["batch"] for r in rows}):
-            worst = max(r["overhead_frac"] for r in rows if r["batch"] == B)
-            add(f"pruner overhead / pruned prefill, batch {B} (worst ratio)", "<= 0.01", worst, worst <= 0.01)
+            s = at[1, 0.25]["speedup"]
+            add("speedup, keep 0.25, batch 1", label, ">= 2.0", s, s >= 2.0, main, removal)
+        for B in sorted({b for b, _ in at}):
+            worst = worst_overhead(B, main, removal)
+            add(f"pruner overhead / pruned prefill, batch {B} (worst ratio)", label, "<= 0.01", worst, worst <= 0.01,
+                main, removal)
+    batch1 = [r for r in rows if r["batch"] == 1 and r["keep_ratio"] == 0.25]
+    if batch1:
+        best = max(batch1, key=lambda r: r["speedup"])
+        label = f"best: {best['method']}, {best['removal']} removal"
+        add("speedup, keep 0.25, batch 1", label, ">= 2.0", best["speedup"], best["speedup"] >= 2.0, "best", "best")
+        worst = worst_overhead(1, best["method"], best["removal"])
+        add("pruner overhead / pruned prefill, batch 1 (worst ratio)", label, "<= 0.01", worst, worst <= 0.01,
+            "best", "best")
     return goals
 
 
 def format_table(res: dict) -> str:
-    """Plain-text tables of the prefill rows, the decode rows and the goals."""
+    """Plain-text tables of the prefill rows, the decode rows, what was skipped and the goals."""
     lines = [f"device: {res['device']}"] + [_fmt_row(r) for r in res["prefill"]]
     lines += [f"decode B={d['batch']:<3d} cache {d['cache_len']:>4d} tokens ({d['kv_cache_mb']:8.1f} MiB): "
               f"{d['step_ms']:7.2f} ms/step, {d['tokens_per_s']:9.1f} tokens/s" for d in res["decode"]]
+    lines += [f"skipped B={s['batch']} {s['method']}: {s['reason']}" for s in res.get("skipped", [])]
     lines += [f"goal {g['goal']}: {g['target']}, measured {g['measured']:.3f} -> {'met' if g['met'] else 'MISSED'}"
               for g in res.get("goals", [])]
     return "\n".join(lines)
@@ -551,12 +717,20 @@ def main(argv=None) -> dict:
     p.add_argument("--warmup", type=int)
     p.add_argument("--device")
     p.add_argument("--no-graphs", dest="graphs", action="store_false", help="eager kernels only")
+    p.add_argument("--eager-batches", type=int, nargs="*", help="batches also timed eagerly (default: 1 8)")
+    p.add_argument("--compile-batches", type=int, nargs="*",
+                   help="batches also timed with the torch.compile'd decoder layer in CUDA graphs (default: 1; "
+                        "none: no compile)")
+    p.add_argument("--compile-autotune", action="store_true", default=None,
+                   help="let torch.compile benchmark matrix-product kernels as well (longer compile)")
     p.add_argument("--no-decode", dest="decode", action="store_false")
     p.add_argument("--out", help="JSON path (full-mode default: results/09_inference_speed.json)")
     a = p.parse_args(argv)
     smoke = a.smoke or (not a.full and run_mode() == "smoke")
-    kw = dict(batches=a.batches and tuple(a.batches), ratios=a.ratios and tuple(a.ratios), repeats=a.repeats,
-              warmup=a.warmup, device=a.device, graphs=a.graphs, decode=a.decode)
+    tuples = {k: tuple(getattr(a, k)) for k in ("batches", "ratios", "eager_batches", "compile_batches")
+              if getattr(a, k) is not None}
+    kw = dict(repeats=a.repeats, warmup=a.warmup, device=a.device, graphs=a.graphs, decode=a.decode,
+              compile_autotune=a.compile_autotune, **tuples)
     kw = {k: v for k, v in kw.items() if v is not None}
     res = run_benchmark(BenchConfig.smoke(**kw) if smoke else BenchConfig(**kw), log=lambda s: print(s, flush=True))
     print(format_table(res))
