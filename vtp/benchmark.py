@@ -311,6 +311,7 @@ class PrunedPrefill:
         self._text = (positions[:text_before].expand(B, -1), positions[self.vis.stop:].expand(B, -1))
         self._ones = torch.ones(B, self.seq_len, dtype=torch.long, device=embeds.device)
         self._lengths = torch.full((B,), self.seq_len, dtype=torch.long, device=embeds.device)
+        self._tiebreak = n_visual - 1 - torch.arange(n_visual, device=embeds.device)  # earlier token first
         self.graphs = graphs and embeds.is_cuda
         self.cache = KVCache(model.config, B, self.seq_len + 1, embeds.device, embeds.dtype)  # +1: a decode step
         if not self.graphs:
@@ -348,11 +349,15 @@ class PrunedPrefill:
         the text. The same tokens, in the same order, as :meth:`_keep_mask` then ``remove_tokens``, with a
         handful of kernels instead of a mask over all L tokens and its sort. The k best are the first k of a
         stable descending sort of the keep probabilities, exactly ``topk_keep_mask``'s rank < k: a tie goes to
-        the earlier token. (``torch.topk`` leaves ties unspecified, and they do occur: float32 rounds
-        p = sigmoid(l_keep - l_drop) to 1.0 for logit gaps above about 17. For the same reason the ranking is
-        on p, not on the logit gap, although sigmoid is monotone.)
+        the earlier token. ``torch.topk`` leaves ties unspecified, and they do occur: float32 rounds
+        p = sigmoid(l_keep - l_drop) to 1.0 for logit gaps above about 17 (so the ranking is on p, not on the
+        logit gap, although sigmoid is monotone). Ties are made impossible instead: each token's key packs
+        the bits of p (ordered like p, as p >= 0) above ``n - 1 - i``, so equal p rank the earlier token
+        first, and one ``topk`` over unique int64 keys replaces the sort of all n probabilities.
         """
-        best = self._keep_prob().argsort(dim=-1, descending=True, stable=True)[:, :self.k]
+        prob = self._keep_prob().float()
+        key = (prob.view(torch.int32).long() << 32) | self._tiebreak
+        best = (prob.shape[-1] - 1) - (key.topk(self.k, dim=-1, sorted=False).values & 0xFFFFFFFF)
         index = torch.cat([self._text[0], best.sort(dim=-1).values + self.vis.start, self._text[1]], dim=1)
         embeds = self.embeds.gather(1, index.unsqueeze(-1).expand(-1, -1, self.embeds.shape[-1]))
         return Removed(embeds, index, self._ones, index, self._lengths)  # position ids = original positions
