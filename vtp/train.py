@@ -44,6 +44,16 @@ __all__ = ["TrainConfig", "TEACHER_PRESETS", "teacher_config", "lr_factor", "lr_
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
+def _check_schedule(cfg) -> None:
+    """Shared checks of the training recipes: positive int ``steps`` and ``batch_size``, warm-up shorter
+    than the run."""
+    for name in ("steps", "batch_size"):
+        if not isinstance(getattr(cfg, name), int) or getattr(cfg, name) < 1:
+            raise ValueError(f"{name} must be a positive int, got {getattr(cfg, name)!r}")
+    if not (0 <= cfg.warmup_steps < cfg.steps):
+        raise ValueError(f"warmup_steps must be in [0, steps={cfg.steps}), got {cfg.warmup_steps}")
+
+
 @dataclass
 class TrainConfig:
     """Teacher training recipe. ``model`` = a :data:`vtp.vlm.PRESETS` name, ``model_overrides`` its fields;
@@ -71,11 +81,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the loss on CUDA (optional; the presets run eager)
 
     def __post_init__(self):
-        for name in ("steps", "batch_size"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
-        if not (0 <= self.warmup_steps < self.steps):
-            raise ValueError(f"warmup_steps must be in [0, steps={self.steps}), got {self.warmup_steps}")
+        _check_schedule(self)
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
         if not isinstance(self.questions_per_image, int) or not (1 <= self.questions_per_image <= self.batch_size) \
@@ -362,17 +368,13 @@ class PrunerConfig:
     def __post_init__(self):
         check_ratio(self.target_ratio, "target_ratio")
         check_ratio(self.ratio_start, "ratio_start")
-        for name in ("steps", "batch_size"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
+        _check_schedule(self)
         if self.apply not in ("policy", "zero"):
             raise ValueError(f"apply must be 'policy' or 'zero', got {self.apply!r}")
         if self.sparsity_scope not in ("visual", "all"):
             raise ValueError(f"sparsity_scope must be 'visual' or 'all', got {self.sparsity_scope!r}")
         if self.eval_rule not in ("topk", "threshold"):
             raise ValueError(f"eval_rule must be 'topk' or 'threshold', got {self.eval_rule!r}")
-        if not (0 <= self.warmup_steps < self.steps):
-            raise ValueError(f"warmup_steps must be in [0, steps={self.steps}), got {self.warmup_steps}")
         for name in ("pruner_lr", "lm_lr", "vision_lr"):
             if not (getattr(self, name) >= 0 and math.isfinite(getattr(self, name))):
                 raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
