@@ -14,7 +14,7 @@ ids, and the shorter sequence goes through the model.
     F_\text{proj} = 2BL(2d^2 + 2d\,d_{kv}),\quad F_\text{attn} = 4Bd\,P,\ P = \tfrac{L(L+1)}{2}
     \text{ (causal) or } L^2,\quad F_\text{mlp} = 2BL\cdot 3df,
 
-plus :math:`2BdV` for the last token's logits; the pruner adds :math:`2BN(d^2/r + 2d/r)`. The **bound** on
+plus :math:`2BdV` for the last token's logits; the pruner adds :math:`2BN(d^2/r + 2d/r)`, plus :math:`2Bd^2/r` for its question projection. The **bound** on
 the speedup is :math:`F(L_\text{full}) / (F(L_\text{kept}) + F_\text{pruner})`.
 
 **Timing**: CUDA events after warm-up, median of ``repeats`` runs, each starting on an idle GPU. Methods:
@@ -100,10 +100,11 @@ def prefill_flops(config: LlamaConfig, seq_len: int, batch: int = 1, causal: boo
     return out
 
 
-def pruner_flops(hidden: int, n_visual: int, batch: int = 1, reduction: int = 4) -> int:
-    """FLOPs of the pruner's scorer ``Linear(d, d/r) -> ReLU -> Linear(d/r, 2)`` on ``n_visual`` tokens."""
+def pruner_flops(hidden: int, n_visual: int, batch: int = 1, reduction: int = 4, question: bool = True) -> int:
+    """FLOPs of the pruner's scorer ``Linear(d, d/r) -> ReLU -> Linear(d/r, 2)`` on ``n_visual`` tokens, plus
+    (``question``) the projection ``Linear(d, d/r)`` of one pooled question embedding per sample."""
     inner = hidden // reduction
-    return 2 * batch * n_visual * (hidden * inner + inner * 2)
+    return 2 * batch * (n_visual * (hidden * inner + inner * 2) + (hidden * inner if question else 0))
 
 
 def kept_tokens(ratio, n_visual: int = 576, min_keep: int = 1) -> int:
@@ -222,6 +223,7 @@ class DecoderStack:
                                                    l.mlp.gate_proj.weight, l.mlp.up_proj.weight,
                                                    l.mlp.down_proj.weight))
                         for l in model.model.layers]
+        self.compiled = compile
         if compile:
             dynamo = torch._dynamo.config  # one graph per (batch, length): allow more than the default 8
             dynamo.recompile_limit = max(dynamo.recompile_limit, 64)
@@ -312,14 +314,18 @@ class PrunedPrefill:
         self._ones = torch.ones(B, self.seq_len, dtype=torch.long, device=embeds.device)
         self._lengths = torch.full((B,), self.seq_len, dtype=torch.long, device=embeds.device)
         self._tiebreak = n_visual - 1 - torch.arange(n_visual, device=embeds.device)  # earlier token first
+        self._text_parts = None if getattr(pruner, "text_dim", None) is None else (embeds[:, :text_before], embeds[:, self.vis.stop:])
         self.graphs = graphs and embeds.is_cuda
+        self._select = self._static_select
+        if layers is not None and layers.compiled and removal == "static" and ratio is not None:
+            self._select = self._compiled_select()
         self.cache = KVCache(model.config, B, self.seq_len + 1, embeds.device, embeds.dtype)  # +1: a decode step
         if not self.graphs:
             return
         if ratio is None:
             self._graph, self._out = _capture(lambda: self._prefill(embeds, self.positions))
         elif removal == "static":  # everything in one graph, plus the selection alone to time its share
-            self._select_graph, self._removed = _capture(self._static_select)
+            self._select_graph, self._removed = _capture(self._select)
             self._graph, self._out = _capture(self._static_step)
         else:  # graph 1: scoring + top-k; eager remove_tokens; graph 2: the model on static inputs
             self._select_graph, self._keep = _capture(self._keep_mask)
@@ -329,11 +335,29 @@ class PrunedPrefill:
     def _prefill(self, embeds, position_ids):
         return prefill(self.model, embeds, position_ids, self.cache, self.layers)
 
+    def _compiled_select(self):
+        """:meth:`_static_select` through ``torch.compile`` (with the compiled decoder layers): scoring, top-k
+        and gather in a few fused kernels. Compiled here, before any capture; if that fails, the eager
+        selection is used and the error kept in ``select_compile_error``."""
+        fn = torch.compile(self._static_select, dynamic=False)
+        try:
+            ref, out = self._static_select(), fn()
+            if not torch.equal(ref.index, out.index):
+                raise RuntimeError("compiled selection kept other tokens than the eager one")
+            return fn
+        except Exception as e:
+            self.select_compile_error = f"{type(e).__name__}: {e}"
+            return self._static_select
+
     def _keep_prob(self) -> torch.Tensor:
-        """The pruner's keep probabilities [B, n_visual], through its parts (LayerNorm, scorer, softmax):
-        ``pruner.forward`` also re-checks its validity mask on the host, a read-back that a CUDA graph
-        cannot contain."""
-        return keep_probability(self.pruner.scorer(self.pruner.norm(self.embeds[:, self.vis])))
+        """The pruner's keep probabilities [B, n_visual] via :meth:`GumbelVisionPruner.score` (``forward`` also
+        re-checks its validity mask on the host, a read-back that a CUDA graph cannot contain). A question-aware
+        pruner gets the mean of the text tokens' embeddings, as :meth:`vtp.PrunedVLM.question_embedding`."""
+        text = None
+        if self._text_parts is not None:
+            before, after = self._text_parts
+            text = (before.sum(1) + after.sum(1)) / (before.shape[1] + after.shape[1])
+        return keep_probability(self.pruner.score(self.embeds[:, self.vis], text))
 
     def _keep_mask(self) -> torch.Tensor:
         """Keep mask [B, L]: text always kept, visual tokens by the pruner's eval-mode top-k rule
@@ -363,7 +387,7 @@ class PrunedPrefill:
         return Removed(embeds, index, self._ones, index, self._lengths)  # position ids = original positions
 
     def _static_step(self):
-        removed = self._static_select()
+        removed = self._select()
         return self._prefill(removed.embeds, removed.position_ids)
 
     def select_and_remove(self) -> Removed:
@@ -372,7 +396,7 @@ class PrunedPrefill:
             if self.graphs:
                 self._select_graph.replay()
                 return self._removed
-            return self._static_select()
+            return self._select()
         if self.graphs:
             self._select_graph.replay()
         removed = remove_tokens(self.embeds, self._keep if self.graphs else self._keep_mask(), self.positions)
@@ -563,6 +587,8 @@ def _measure(res, model, pruner, embeds, cfg, method: str, main: str, layers, de
         run = PrunedPrefill(*args, r, graphs, removal, layers)
         t = time_ms(run, cfg.warmup, cfg.repeats, device)
         over = time_ms(run.select_and_remove, cfg.warmup, cfg.repeats, device)
+        if hasattr(run, "select_compile_error"):
+            _skip(res, log, embeds.shape[0], f"{method} selection", run.select_compile_error)
         res["prefill"].append(_row(model.config, cfg, res, method, removal, embeds.shape[0], r, full_t, t, over))
         log(_fmt_row(res["prefill"][-1]))
         if cfg.decode and method == main and r < 1 and removal == "library":
@@ -589,7 +615,10 @@ def run_benchmark(cfg: BenchConfig | None = None, log=print) -> dict:
     cuda, dtype = device.type == "cuda", getattr(torch, cfg.dtype)
     config, t0 = lm_config(cfg.shape), time.perf_counter()
     model = build_lm(config, device, dtype, cfg.seed)
-    pruner = GumbelVisionPruner(config.hidden_size, rule="topk").to(device, dtype).eval()
+    # lesson 07's pruner reads the question; its projection starts at zero, so give it random weights here
+    pruner = GumbelVisionPruner(config.hidden_size, rule="topk", text_dim=config.hidden_size)
+    torch.nn.init.normal_(pruner.text_proj.weight, std=config.hidden_size ** -0.5)
+    pruner = pruner.to(device, dtype).eval()
     L = cfg.n_visual + cfg.n_text
     weights = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "embed" not in n)
     res = dict(device=device_name(device), torch=torch.__version__, mode=run_mode(), config=asdict(cfg),

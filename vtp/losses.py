@@ -116,9 +116,11 @@ class PruningLoss(nn.Module):
         self.sparsity, self.sparsity_on, self.shift_labels = sparsity, sparsity_on, shift_labels
 
     def forward(self, logits, labels, keep_prob, keep_mask=None, visual_mask=None, teacher_logits=None,
-                sparsity_weight: float | None = None, target_ratio: float | None = None):
+                sparsity_weight: float | None = None, target_ratio: float | None = None,
+                binarize_weight: float | None = None):
         """Return ``(total, components)``; components are floats: ce, distill, sparsity, binarize,
-        keep_ratio (measured on the hard mask if given, else on probabilities), keep_prob, total."""
+        keep_ratio (measured on the hard mask if given, else on probabilities), keep_prob, total.
+        ``sparsity_weight`` / ``target_ratio`` / ``binarize_weight`` override the constructor's (schedules)."""
         if keep_mask is not None and keep_mask.shape != keep_prob.shape:
             raise ValueError(f"keep_mask must have keep_prob's shape {tuple(keep_prob.shape)}, got {tuple(keep_mask.shape)}")
         target = self.target_ratio if target_ratio is None else check_ratio(target_ratio, "target_ratio")
@@ -140,8 +142,9 @@ class PruningLoss(nn.Module):
         total = total + w_s * sparsity
         p = keep_prob.float()
         binarize = visual_keep_ratio(p * (1 - p), visual_mask).mean()
-        if self.binarize_weight > 0:
-            total = total + self.binarize_weight * binarize
+        w_b = self.binarize_weight if binarize_weight is None else float(binarize_weight)
+        if w_b > 0:
+            total = total + w_b * binarize
         measured = visual_keep_ratio(keep_mask if keep_mask is not None else keep_prob, visual_mask).mean()
         parts = dict(ce=ce, distill=distill, sparsity=sparsity, binarize=binarize, keep_ratio=measured,
                      keep_prob=visual_keep_ratio(keep_prob, visual_mask).mean(), total=total)

@@ -4,6 +4,11 @@ Scorer (the seed design, after a LayerNorm of the tokens): :math:`\text{Linear}(
 \text{Linear}(d/4, 2)`, giving
 logits :math:`[l_\text{drop}, l_\text{keep}]` per token and :math:`p_\text{keep} = \operatorname{softmax}(l)_1`.
 
+**Question-aware scoring** (``text_dim`` set): a pooled embedding :math:`q` of the question enters the hidden
+layer, :math:`h_i = \text{ReLU}(W_1 \operatorname{LN}(v_i) + U \operatorname{LN}(q) + b_1)`, so the same image can
+keep different tokens for "what colour is the shape?" and "what shape is this?". :math:`U` starts at zero:
+at step 0 the scorer is the question-blind seed design.
+
 * **train mode**: a hard Gumbel-softmax sample (exact 0/1 forward, straight-through backward),
   :math:`E[\text{mask}] = p_\text{keep}`. ``sampler`` selects the alternatives that the lessons measure:
   ``"soft"`` (``hard=False``: masks in (0, 1) that inference cannot reproduce), ``"one_gumbel"`` (the
@@ -11,7 +16,9 @@ logits :math:`[l_\text{drop}, l_\text{keep}]` per token and :math:`p_\text{keep}
   no exploration).
 * **eval mode**: deterministic, no noise. ``rule="threshold"`` keeps :math:`p_\text{keep} > 0.5`;
   ``rule="topk"`` keeps the :math:`k = \max(\text{min\_keep}, \operatorname{round}(\text{ratio}\cdot N))`
-  most probable of the :math:`N` valid tokens. Either way at least ``min_keep`` tokens survive per sample.
+  most probable of the :math:`N` valid tokens; ``rule="sample"`` draws each token's keep from Bernoulli(:math:`p`),
+  the law of the training masks (stochastic: a diagnosis, not a deployment rule). At least ``min_keep`` tokens
+  survive per sample.
 """
 from __future__ import annotations
 
@@ -24,7 +31,7 @@ from .gumbel import check_tau, keep_probability, one_gumbel_sigmoid, sample_keep
 
 __all__ = ["PrunerOutput", "GumbelVisionPruner", "check_ratio", "topk_keep_mask", "threshold_keep_mask"]
 
-RULES = ("threshold", "topk")
+RULES = ("threshold", "topk", "sample")
 SAMPLERS = ("gumbel", "soft", "one_gumbel", "ste")
 
 
@@ -107,6 +114,8 @@ class GumbelVisionPruner(nn.Module):
         norm: LayerNorm the tokens before the scorer (as DynamicViT's predictor does). The seed scorer has
             none; but a LLaVA projector's outputs can be large (norm ~2,000 in our trained teacher, whose
             language model RMS-normalises them anyway), which saturates the keep probabilities at step 0.
+        text_dim: width of a pooled question embedding that conditions the scores (``None`` = question-blind,
+            the seed design); ``forward`` then needs ``text`` [B, text_dim].
     """
 
     def __init__(
@@ -121,6 +130,7 @@ class GumbelVisionPruner(nn.Module):
         keep_bias: float = 0.0,
         sampler: str = "gumbel",
         norm: bool = True,
+        text_dim: int | None = None,
     ):
         super().__init__()
         if not isinstance(hidden_dim, int) or hidden_dim < 1:
@@ -133,28 +143,48 @@ class GumbelVisionPruner(nn.Module):
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
         if not isinstance(min_keep, int) or min_keep < 1:
             raise ValueError(f"min_keep must be an int >= 1, got {min_keep!r}")
+        if text_dim is not None and (not isinstance(text_dim, int) or text_dim < 1):
+            raise ValueError(f"text_dim must be a positive int or None, got {text_dim!r}")
         if not (0.0 < float(threshold) < 1.0):
             raise ValueError(f"threshold must be in (0, 1), got {threshold}")
         self.hidden_dim, self.rule, self.min_keep, self.sampler = hidden_dim, rule, min_keep, sampler
+        self.text_dim = text_dim
         self.ratio, self.threshold, self.tau = check_ratio(ratio), float(threshold), check_tau(tau)
         inner = hidden_dim // reduction
         self.norm = nn.LayerNorm(hidden_dim) if norm else nn.Identity()
         self.scorer = nn.Sequential(nn.Linear(hidden_dim, inner), nn.ReLU(), nn.Linear(inner, 2))
         with torch.no_grad():
             self.scorer[-1].bias.copy_(torch.tensor([0.0, float(keep_bias)]))
+        if text_dim is not None:
+            self.text_norm = nn.LayerNorm(text_dim)
+            self.text_proj = nn.Linear(text_dim, inner, bias=False)
+            nn.init.zeros_(self.text_proj.weight)
 
-    def forward(self, tokens: torch.Tensor, valid_mask: torch.Tensor | None = None, tau: float | None = None,
-                ratio: float | None = None, rule: str | None = None) -> PrunerOutput:
-        """Score ``tokens`` [B, N, d]; ``valid_mask`` [B, N] marks real (non-padding) visual tokens.
-
-        Training: hard Gumbel sample at temperature ``tau``. Eval: ``rule`` with ``ratio`` (top-k) or the
-        threshold. Invalid tokens always get mask 0.
-        """
+    def score(self, tokens: torch.Tensor, text: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits ``[B, N, 2]`` = ``[drop, keep]`` of ``tokens`` [B, N, d] (given ``text`` [B, text_dim] when
+        the pruner is question-aware)."""
         if tokens.dim() != 3 or tokens.shape[-1] != self.hidden_dim:
             raise ValueError(
                 f"tokens must have shape (batch, tokens, {self.hidden_dim}), got {tuple(tokens.shape)}"
             )
-        logits = self.scorer(self.norm(tokens))
+        h = self.scorer[0](self.norm(tokens))
+        if self.text_dim is not None:
+            if text is None or tuple(text.shape) != (tokens.shape[0], self.text_dim):
+                got = None if text is None else tuple(text.shape)
+                raise ValueError(f"text must have shape ({tokens.shape[0]}, {self.text_dim}) (batch, text_dim) for "
+                                 f"a question-aware pruner, got {got}")
+            h = h + self.text_proj(self.text_norm(text)).unsqueeze(1)
+        return self.scorer[2](self.scorer[1](h))
+
+    def forward(self, tokens: torch.Tensor, valid_mask: torch.Tensor | None = None, tau: float | None = None,
+                ratio: float | None = None, rule: str | None = None, text: torch.Tensor | None = None) -> PrunerOutput:
+        """Score ``tokens`` [B, N, d]; ``valid_mask`` [B, N] marks real (non-padding) visual tokens; ``text``
+        [B, text_dim] is the pooled question of a question-aware pruner.
+
+        Training: hard Gumbel sample at temperature ``tau``. Eval: ``rule`` with ``ratio`` (top-k) or the
+        threshold. Invalid tokens always get mask 0.
+        """
+        logits = self.score(tokens, text)
         keep_prob = keep_probability(logits)
         valid = _valid(keep_prob, valid_mask)
         if self.training:
@@ -163,6 +193,8 @@ class GumbelVisionPruner(nn.Module):
             rule = self.rule if rule is None else rule
             if rule == "topk":
                 mask = topk_keep_mask(keep_prob, self.ratio if ratio is None else ratio, valid_mask, self.min_keep)
+            elif rule == "sample":  # one Bernoulli(p) draw per token: the training masks' law, for diagnosis
+                mask = threshold_keep_mask(keep_prob - torch.rand_like(keep_prob), 0.0, valid_mask, self.min_keep)
             elif rule == "threshold":
                 mask = threshold_keep_mask(keep_prob, self.threshold, valid_mask, self.min_keep)
             else:

@@ -181,7 +181,17 @@ class PrunedVLM(nn.Module):
         feats = getattr(out, "pooler_output", out)
         return torch.stack(list(feats)) if isinstance(feats, (list, tuple)) else feats
 
-    def _keep_mask(self, tokens, keep, scores, ratio, rule, tau, mode):
+    def question_embedding(self, embeds, visual_mask, attention_mask, labels=None) -> torch.Tensor:
+        """Mean input embedding ``[B, d]`` of each prompt's text tokens: not image placeholders, not padding and,
+        when ``labels`` are given, not the supervised (answer) tokens, so a pruner never reads the answer.
+        Detached: the pruner reads the embeddings, the language model owns them."""
+        text = ~visual_mask & attention_mask.bool()
+        if labels is not None:
+            text &= labels == -100
+        w = text.unsqueeze(-1).to(embeds.dtype)
+        return ((embeds * w).sum(1) / w.sum(1).clamp(min=1)).detach()
+
+    def _keep_mask(self, tokens, keep, scores, ratio, rule, tau, mode, text=None):
         """Visual keep mask [B, N] from (in order of precedence) ``keep``, ``scores`` or the pruner."""
         B, N = tokens.shape[:2]
         for name, t in (("keep", keep), ("scores", scores)):
@@ -196,7 +206,8 @@ class PrunedVLM(nn.Module):
             return threshold_keep_mask(scores), None, None
         if self.pruner is None or mode == "none":
             return torch.ones(B, N, device=tokens.device), None, None
-        out = self.pruner(tokens, tau=tau, ratio=ratio, rule=rule)
+        kwargs = {} if getattr(self.pruner, "text_dim", None) is None else {"text": text()}
+        out = self.pruner(tokens, tau=tau, ratio=ratio, rule=rule, **kwargs)
         return out.mask, out.keep_prob, out.logits
 
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -233,8 +244,10 @@ class PrunedVLM(nn.Module):
             torch._assert_async(ok, msg)  # checked on the GPU: no host synchronisation per step
         elif not bool(ok):
             raise ValueError(f"{msg}, got counts {counts.tolist()}")
-        vkeep, keep_prob, pruner_logits = self._keep_mask(tokens, keep, scores, ratio, rule, tau, mode)
         embeds = self.llava.get_input_embeddings()(input_ids)
+        vkeep, keep_prob, pruner_logits = self._keep_mask(
+            tokens, keep, scores, ratio, rule, tau, mode,
+            text=lambda: self.question_embedding(embeds, visual_mask, attention_mask, labels))
         if mode == "zero":
             tokens = tokens * vkeep.unsqueeze(-1).to(tokens.dtype)
         embeds = embeds.masked_scatter(visual_mask.unsqueeze(-1), tokens.to(embeds.dtype))
