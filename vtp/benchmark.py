@@ -28,6 +28,7 @@ reads the kept count back to size its output; ``removal="static"`` needs no read
 from __future__ import annotations
 
 import argparse
+import gc
 import inspect
 import json
 import time
@@ -342,8 +343,12 @@ class PrunedPrefill:
         fn = torch.compile(self._static_select, dynamic=False)
         try:
             ref, out = self._static_select(), fn()
-            if not torch.equal(ref.index, out.index):
-                raise RuntimeError("compiled selection kept other tokens than the eager one")
+            # fused kernels round the bf16 scores differently, so near-ties may swap: the kept tokens' eager
+            # keep probabilities must match (sorted) within bf16 rounding, not the indices themselves
+            p, vis = self._keep_prob().float(), slice(self.vis.start, self.vis.start + self.k)
+            kept_p = [p.gather(1, r.index[:, vis] - self.vis.start).sort(dim=-1).values for r in (ref, out)]
+            if not torch.allclose(*kept_p, rtol=0.0, atol=1e-2):
+                raise RuntimeError("compiled selection kept tokens the eager one ranks lower beyond bf16 rounding")
             return fn
         except Exception as e:
             self.select_compile_error = f"{type(e).__name__}: {e}"
@@ -570,6 +575,7 @@ def _verify(model, pruner, embeds, cfg, layers=None, tag="") -> dict:
         out[f"{tag}{removal}_graph_vs_eager"] = _rel_err(h, h_eager)
         out[f"{tag}{removal}_graph_vs_reference"] = _rel_err(h, ref)
         del graphed
+        gc.collect()
     return out
 
 
@@ -582,6 +588,7 @@ def _measure(res, model, pruner, embeds, cfg, method: str, main: str, layers, de
     if cfg.decode and method == main:
         res["decode"].append(_decode(full, cfg, device))
     del full
+    gc.collect()
     removals = REMOVALS[:1] if method == "eager" and method != main else REMOVALS
     for r, removal in [(r, m) for r in cfg.ratios for m in removals]:
         run = PrunedPrefill(*args, r, graphs, removal, layers)
@@ -594,6 +601,7 @@ def _measure(res, model, pruner, embeds, cfg, method: str, main: str, layers, de
         if cfg.decode and method == main and r < 1 and removal == "library":
             res["decode"].append(_decode(run, cfg, device))
         del run
+        gc.collect()  # a PrunedPrefill refers to itself (its selection method), so only gc frees its graphs
         if embeds.is_cuda:
             torch.cuda.empty_cache()
 
@@ -649,6 +657,7 @@ def run_benchmark(cfg: BenchConfig | None = None, log=print) -> dict:
                 _measure(res, model, pruner, embeds, cfg, method, main, layers, device, log)
             except torch.cuda.OutOfMemoryError:
                 _skip(res, log, B, method, "out of memory")
+                gc.collect()
                 torch.cuda.empty_cache()
             except Exception as e:  # the compiled lever is optional: record why it failed and go on
                 if method != "compiled":
