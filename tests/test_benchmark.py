@@ -279,3 +279,33 @@ def test_compiled_graphs_equal_reference_on_cuda():
             hidden = run()[0].clone()
             ref = reference_removal(model, embeds, run.select_and_remove().index)
             torch.testing.assert_close(hidden, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("removal", ["library", "static"])
+def test_pruned_prefill_is_freed_without_the_garbage_collector(tiny, removal, compiled):
+    """No reference cycle: ``del`` frees a PrunedPrefill (its graphs and KV cache) at once. The benchmark builds
+    dozens of them; a cycle kept each alive until a gc pass and ran batch 32 out of GPU memory. The compiled
+    static selection (compiled on the CPU here) must keep the eager selection's tokens."""
+    if compiled and removal == "library":
+        pytest.skip("only the static removal has a compiled selection")
+    import gc
+    import weakref
+    config, model, _ = tiny
+    pruner = GumbelVisionPruner(config.hidden_size, rule="topk", text_dim=config.hidden_size).eval()
+    embeds = _embeds(2, 48, config.hidden_size, seed=13)
+    layers = DecoderStack(model, compile=True) if compiled else None
+    gc.disable()
+    try:
+        with torch.no_grad():
+            run = PrunedPrefill(model, pruner, embeds, n_visual=40, text_before=3, ratio=0.25, removal=removal,
+                                layers=layers)
+            assert (run._compiled is not None) == compiled, getattr(run, "select_compile_error", None)
+            if removal == "static":
+                assert torch.equal(run.select_and_remove().index, run._static_select().index)
+            run()
+        ref = weakref.ref(run)
+        del run
+        assert ref() is None
+    finally:
+        gc.enable()

@@ -28,7 +28,6 @@ reads the kept count back to size its output; ``removal="static"`` needs no read
 from __future__ import annotations
 
 import argparse
-import gc
 import inspect
 import json
 import time
@@ -317,9 +316,11 @@ class PrunedPrefill:
         self._tiebreak = n_visual - 1 - torch.arange(n_visual, device=embeds.device)  # earlier token first
         self._text_parts = None if getattr(pruner, "text_dim", None) is None else (embeds[:, :text_before], embeds[:, self.vis.stop:])
         self.graphs = graphs and embeds.is_cuda
-        self._select = self._static_select
+        # the compiled selection is stored unbound (called with self): a bound method kept on self would make
+        # a reference cycle, and only the garbage collector would then free this object's graphs and KV cache
+        self._compiled = None
         if layers is not None and layers.compiled and removal == "static" and ratio is not None:
-            self._select = self._compiled_select()
+            self._compiled = self._compile_select()
         self.cache = KVCache(model.config, B, self.seq_len + 1, embeds.device, embeds.dtype)  # +1: a decode step
         if not self.graphs:
             return
@@ -336,13 +337,13 @@ class PrunedPrefill:
     def _prefill(self, embeds, position_ids):
         return prefill(self.model, embeds, position_ids, self.cache, self.layers)
 
-    def _compiled_select(self):
+    def _compile_select(self):
         """:meth:`_static_select` through ``torch.compile`` (with the compiled decoder layers): scoring, top-k
-        and gather in a few fused kernels. Compiled here, before any capture; if that fails, the eager
-        selection is used and the error kept in ``select_compile_error``."""
-        fn = torch.compile(self._static_select, dynamic=False)
+        and gather in a few fused kernels. Compiled here, before any capture; if that fails, ``None`` (the
+        eager selection is used) and the error kept in ``select_compile_error``."""
+        fn = torch.compile(PrunedPrefill._static_select, dynamic=False)
         try:
-            ref, out = self._static_select(), fn()
+            ref, out = self._static_select(), fn(self)
             # fused kernels round the bf16 scores differently, so near-ties may swap: the kept tokens' eager
             # keep probabilities must match (sorted) within bf16 rounding, not the indices themselves
             p, vis = self._keep_prob().float(), slice(self.vis.start, self.vis.start + self.k)
@@ -352,7 +353,10 @@ class PrunedPrefill:
             return fn
         except Exception as e:
             self.select_compile_error = f"{type(e).__name__}: {e}"
-            return self._static_select
+            return None
+
+    def _select(self) -> Removed:
+        return self._static_select() if self._compiled is None else self._compiled(self)
 
     def _keep_prob(self) -> torch.Tensor:
         """The pruner's keep probabilities [B, n_visual] via :meth:`GumbelVisionPruner.score` (``forward`` also
@@ -575,7 +579,6 @@ def _verify(model, pruner, embeds, cfg, layers=None, tag="") -> dict:
         out[f"{tag}{removal}_graph_vs_eager"] = _rel_err(h, h_eager)
         out[f"{tag}{removal}_graph_vs_reference"] = _rel_err(h, ref)
         del graphed
-        gc.collect()
     return out
 
 
@@ -588,7 +591,6 @@ def _measure(res, model, pruner, embeds, cfg, method: str, main: str, layers, de
     if cfg.decode and method == main:
         res["decode"].append(_decode(full, cfg, device))
     del full
-    gc.collect()
     removals = REMOVALS[:1] if method == "eager" and method != main else REMOVALS
     for r, removal in [(r, m) for r in cfg.ratios for m in removals]:
         run = PrunedPrefill(*args, r, graphs, removal, layers)
@@ -601,7 +603,6 @@ def _measure(res, model, pruner, embeds, cfg, method: str, main: str, layers, de
         if cfg.decode and method == main and r < 1 and removal == "library":
             res["decode"].append(_decode(run, cfg, device))
         del run
-        gc.collect()  # a PrunedPrefill refers to itself (its selection method), so only gc frees its graphs
         if embeds.is_cuda:
             torch.cuda.empty_cache()
 
@@ -657,7 +658,6 @@ def run_benchmark(cfg: BenchConfig | None = None, log=print) -> dict:
                 _measure(res, model, pruner, embeds, cfg, method, main, layers, device, log)
             except torch.cuda.OutOfMemoryError:
                 _skip(res, log, B, method, "out of memory")
-                gc.collect()
                 torch.cuda.empty_cache()
             except Exception as e:  # the compiled lever is optional: record why it failed and go on
                 if method != "compiled":
