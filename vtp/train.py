@@ -330,6 +330,13 @@ class PrunerConfig:
     ``pruner_norm`` = LayerNorm before the scorer, ``question_aware`` = the scorer also reads the pooled question
     embedding (:meth:`vtp.PrunedVLM.question_embedding`; see :class:`vtp.GumbelVisionPruner`).
 
+    ``adapt_steps`` > 0 adds a second phase, **adaptation to the deployment rule**: the pruner is frozen and
+    the language model trains ``adapt_steps`` more steps (CE + distillation, no sparsity term; learning rate
+    ``adapt_lr``, default ``lm_lr``, cosine to ``min_lr_ratio``) on the masks inference will apply, the
+    deterministic ``eval_rule`` at ``target_ratio``. Phase 1's Bernoulli(:math:`p`) masks mix a few low-:math:`p`
+    tokens into every sample; top-k never keeps those, so the language model meets at inference a mask law
+    it never trained on (lesson 07 measures the gap). The frozen pruner cannot saturate in phase 2.
+
     Variants: ``sampler`` (see :class:`vtp.GumbelVisionPruner`), ``apply`` = ``"policy"`` (attention masking)
     or ``"zero"`` (``tokens * mask``), ``sparsity_scope`` = ``"visual"`` or ``"all"`` (text tokens counted as
     kept), ``distill_weight`` = 0 (no teacher), ``eval_rule`` = ``"topk"`` or ``"threshold"``.
@@ -362,6 +369,8 @@ class PrunerConfig:
     controller_lr: float = 0.0
     pruner_norm: bool = True
     question_aware: bool = True
+    adapt_steps: int = 0
+    adapt_lr: float | None = None
     sampler: str = "gumbel"
     apply: str = "policy"
     eval_rule: str = "topk"
@@ -386,6 +395,10 @@ class PrunerConfig:
         for name in ("pruner_lr", "lm_lr", "vision_lr"):
             if not (getattr(self, name) >= 0 and math.isfinite(getattr(self, name))):
                 raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
+        if not isinstance(self.adapt_steps, int) or self.adapt_steps < 0:
+            raise ValueError(f"adapt_steps must be an int >= 0, got {self.adapt_steps!r}")
+        if self.adapt_lr is not None and not (self.adapt_lr > 0 and math.isfinite(self.adapt_lr)):
+            raise ValueError(f"adapt_lr must be None or a finite number > 0, got {self.adapt_lr}")
 
 
 PRUNER_PRESETS = {
@@ -483,6 +496,14 @@ def train_pruner(teacher, processor: VQAProcessor, cfg: PrunerConfig | str | Non
     history = {k: [] for k in keys}
     history.update(val=[], device=device_name(device), config=dataclasses.asdict(cfg))
     batches = _batches_forever(data, processor, cfg, gen)
+
+    def validate(step, phase):
+        res = accuracy(vlm, val_data, processor, ratio=cfg.target_ratio if cfg.eval_rule == "topk" else None,
+                       rule=cfg.eval_rule, max_questions=cfg.eval_questions, bf16=cfg.bf16)
+        history["val"].append(dict(step=step, phase=phase, accuracy=res.accuracy, keep_ratio=res.keep_ratio))
+        if callback is not None:
+            callback(step, history)
+
     vlm.train()
     vlm.llava.model.vision_tower.eval()
     start = time.perf_counter()
@@ -534,15 +555,61 @@ def train_pruner(teacher, processor: VQAProcessor, cfg: PrunerConfig | str | Non
                 history[k].append(row[k])
             bar.set_postfix(keep=f"{row['keep_ratio']:.3f}", acc=f"{row['train_acc']:.3f}")
         if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
-            res = accuracy(vlm, val_data, processor, ratio=cfg.target_ratio if cfg.eval_rule == "topk" else None,
-                           rule=cfg.eval_rule, max_questions=cfg.eval_questions, bf16=cfg.bf16)
-            history["val"].append(dict(step=step + 1, accuracy=res.accuracy, keep_ratio=res.keep_ratio))
-            if callback is not None:
-                callback(step + 1, history)
+            validate(step + 1, "gumbel")
+    if cfg.adapt_steps:
+        _adapt_to_rule(vlm, teacher_vlm, loss_fn, opt, batches, cfg, history, validate)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     history["train_time_s"] = time.perf_counter() - start
     return vlm.eval(), history
+
+
+def _adapt_to_rule(vlm, teacher_vlm, loss_fn, opt, batches, cfg: PrunerConfig, history, validate):
+    r"""Phase 2 of :func:`train_pruner` (``cfg.adapt_steps`` > 0): the pruner (and the vision side) frozen, the
+    language model trained on the deployment masks (``cfg.eval_rule`` at ``cfg.target_ratio``, applied as
+    ``cfg.apply``) with CE + distillation. It reuses phase 1's optimizer (warm Adam moments), learning rate
+    ``adapt_lr`` (default ``lm_lr``) on a cosine to ``min_lr_ratio``. Logs ``history["adapt"]``."""
+    vlm.pruner.eval().requires_grad_(False)
+    for p in _vision_parameters(vlm.llava):
+        p.requires_grad_(False)
+    base = cfg.lm_lr if cfg.adapt_lr is None else cfg.adapt_lr
+    ratio = cfg.target_ratio if cfg.eval_rule == "topk" else None
+    keys = ("step", "lr", "ce", "distill", "total", "keep_ratio", "train_acc")
+    log = history["adapt"] = {k: [] for k in keys}
+    bar = progress(range(cfg.adapt_steps), desc=f"adapt @ {cfg.target_ratio:g}", leave=False)
+    for i in bar:
+        lr = base * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * i / cfg.adapt_steps)))
+        for group in opt.param_groups:
+            group["lr"] = lr  # frozen parameters get no gradient, so AdamW leaves them alone
+        batch = next(batches)
+        inputs = (batch["input_ids"], batch["pixel_values"], batch["attention_mask"], batch["labels"])
+        with autocast(next(vlm.parameters()).device, cfg.bf16):
+            with torch.no_grad():
+                teacher_logits = teacher_vlm(*inputs, mode="none").logits if cfg.distill_weight > 0 else None
+            out = vlm(*inputs, mode=cfg.apply, ratio=ratio, rule=cfg.eval_rule)
+        try:
+            loss, parts = loss_fn(out.logits, out.labels, out.keep_prob, keep_mask=out.visual_keep,
+                                  teacher_logits=teacher_logits, sparsity_weight=0.0, binarize_weight=0.0)
+        except FloatingPointError as err:
+            raise FloatingPointError(f"train_pruner: non-finite loss at adaptation step {i}; lower adapt_lr or "
+                                     f"disable bf16. {err}") from None
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], cfg.grad_clip)
+        opt.step()
+        if i % cfg.log_every == 0 or i == cfg.adapt_steps - 1:
+            with torch.no_grad():
+                logits, answers = answer_logits(out.logits, out.labels)
+                acc = (logits.argmax(-1) == answers).float().mean().item()
+            row = dict(step=cfg.steps + i, lr=lr, train_acc=acc, **{k: parts[k] for k in ("ce", "distill", "total",
+                                                                                         "keep_ratio")})
+            for k in keys:
+                log[k].append(row[k])
+            bar.set_postfix(acc=f"{acc:.3f}")
+        if cfg.eval_every and ((i + 1) % cfg.eval_every == 0 or i + 1 == cfg.adapt_steps):
+            validate(cfg.steps + i + 1, "adapt")
+            vlm.pruner.eval()  # accuracy() restored train mode
+            vlm.llava.model.vision_tower.eval()
 
 
 def main(argv=None):
