@@ -6,7 +6,8 @@ from .schedules import get_temperature, sparsity_weight_schedule, target_ratio_s
 from .attention import policy_attention, remove_tokens
 from .vlm import PrunedVLM, build_llava
 from .evaluate import accuracy
-from .train import PrunerConfig, TrainConfig, load_or_train_teacher, pruner_config, train_pruner, train_teacher
+from .train import (PrunerConfig, TrainConfig, load_or_train_teacher, pruner_config, pruner_recipe, train_pruner,
+                    train_teacher)
 from .diagnose import diagnose
 
 __version__ = "0.1.0"
@@ -33,6 +34,7 @@ __all__ = [
     "load_or_train_teacher",  # load the saved teacher, or train and save it
     "PrunerConfig",  # pruner training recipe (presets "smoke" / "full"; lesson-08 variants flip one field)
     "pruner_config",  # the pruner recipe for a mode, with overrides
+    "pruner_recipe",  # lesson 07's recipe for one keep ratio (phase 1 + adaptation to top-k)
     "train_pruner",  # train a Gumbel pruner + student against a frozen teacher
     "diagnose",  # flag the symptoms of the usual pruning mistakes in a training history
 ]

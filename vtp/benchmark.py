@@ -314,7 +314,12 @@ class PrunedPrefill:
         self._ones = torch.ones(B, self.seq_len, dtype=torch.long, device=embeds.device)
         self._lengths = torch.full((B,), self.seq_len, dtype=torch.long, device=embeds.device)
         self._tiebreak = n_visual - 1 - torch.arange(n_visual, device=embeds.device)  # earlier token first
-        self._text_parts = None if getattr(pruner, "text_dim", None) is None else (embeds[:, :text_before], embeds[:, self.vis.stop:])
+        # question-aware pruner: the mean of the text tokens' embeddings as one product with weights 1/n_text
+        # on text positions and 0 on visual ones (one kernel instead of two sums, an add and a division)
+        self._text_weight = None
+        if getattr(pruner, "text_dim", None) is not None:
+            self._text_weight = torch.full((L,), 1.0 / (L - n_visual), dtype=embeds.dtype, device=embeds.device)
+            self._text_weight[self.vis] = 0
         self.graphs = graphs and embeds.is_cuda
         # the compiled selection is stored unbound (called with self): a bound method kept on self would make
         # a reference cycle, and only the garbage collector would then free this object's graphs and KV cache
@@ -362,10 +367,7 @@ class PrunedPrefill:
         """The pruner's keep probabilities [B, n_visual] via :meth:`GumbelVisionPruner.score` (``forward`` also
         re-checks its validity mask on the host, a read-back that a CUDA graph cannot contain). A question-aware
         pruner gets the mean of the text tokens' embeddings, as :meth:`vtp.PrunedVLM.question_embedding`."""
-        text = None
-        if self._text_parts is not None:
-            before, after = self._text_parts
-            text = (before.sum(1) + after.sum(1)) / (before.shape[1] + after.shape[1])
+        text = None if self._text_weight is None else torch.einsum("l,bld->bd", self._text_weight, self.embeds)
         return keep_probability(self.pruner.score(self.embeds[:, self.vis], text))
 
     def _keep_mask(self) -> torch.Tensor:
@@ -511,7 +513,7 @@ class BenchConfig:
     repeats: int = 25
     graphs: bool = True  # CUDA graphs on CUDA (ignored on the CPU)
     eager_batches: tuple = (1, 8)  # batches also timed without graphs, to show the launch overhead
-    compile_batches: tuple = (1,)  # batches also timed with the compiled decoder layer (CUDA graphs, CUDA only)
+    compile_batches: tuple = (1, 8)  # batches also timed with the compiled decoder layer (CUDA graphs, CUDA only)
     compile_autotune: bool = False  # let torch.compile benchmark matrix-product kernels too (minutes more)
     decode: bool = True
     dtype: str = "bfloat16"
@@ -699,8 +701,9 @@ def check_goals(res: dict) -> list[dict]:
     """The lesson's speed goals: target, measured value, met or not.
 
     First on the main method's rows (graphs on CUDA), for each removal; the ``library`` rows are the ones
-    the goals are about. Then the batch-1 goals once more for the fastest method and removal at keep 0.25
-    (``compiled`` where it ran), labelled ``[best: method, removal]``, with ``method`` and ``removal`` "best".
+    the goals are about. Then the batch-1 and batch-8 goals once more for the fastest method and removal at
+    keep 0.25 (``compiled`` where it ran), labelled ``[best: method, removal]``, with ``method`` and
+    ``removal`` "best".
     """
     rows, goals = res["prefill"], []
     main = rows[0]["method"] if rows else None
@@ -727,13 +730,19 @@ def check_goals(res: dict) -> list[dict]:
             worst = worst_overhead(B, main, removal)
             add(f"pruner overhead / pruned prefill, batch {B} (worst ratio)", label, "<= 0.01", worst, worst <= 0.01,
                 main, removal)
-    batch1 = [r for r in rows if r["batch"] == 1 and r["keep_ratio"] == 0.25]
-    if batch1:
-        best = max(batch1, key=lambda r: r["speedup"])
+    for B in (1, 8):  # the fastest method and removal at keep 0.25 (compiled, where it ran)
+        at_025 = [r for r in rows if r["batch"] == B and r["keep_ratio"] == 0.25]
+        if not at_025:
+            continue
+        best = max(at_025, key=lambda r: r["speedup"])
         label = f"best: {best['method']}, {best['removal']} removal"
-        add("speedup, keep 0.25, batch 1", label, ">= 2.0", best["speedup"], best["speedup"] >= 2.0, "best", "best")
-        worst = worst_overhead(1, best["method"], best["removal"])
-        add("pruner overhead / pruned prefill, batch 1 (worst ratio)", label, "<= 0.01", worst, worst <= 0.01,
+        if B == 1:
+            add("speedup, keep 0.25, batch 1", label, ">= 2.0", best["speedup"], best["speedup"] >= 2.0, "best", "best")
+        else:
+            frac = best["fraction_of_bound"]
+            add(f"speedup / FLOPs bound, keep 0.25, batch {B}", label, ">= 0.90", frac, frac >= 0.90, "best", "best")
+        worst = worst_overhead(B, best["method"], best["removal"])
+        add(f"pruner overhead / pruned prefill, batch {B} (worst ratio)", label, "<= 0.01", worst, worst <= 0.01,
             "best", "best")
     return goals
 

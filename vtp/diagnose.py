@@ -99,7 +99,8 @@ def diagnose(history: dict, target_ratio: float | None = None, ratio_tol: float 
                 "d(p - rho)^2/dl carries p(1-p): saturated probabilities get no sparsity gradient; top-k "
                 "then chooses among ties", "see keep-ratio blow-up; re-initialise the pruner's last layer"))
 
-    val = history.get("val") or []
+    # phase 1's validations with the deployment rule (phase 2, if any, trains on that rule directly)
+    val = [v for v in history.get("val") or [] if v.get("phase", "gumbel") == "gumbel" and v.get("rule") != "sample"]
     if val:
         last = val[-1]
         gap = abs(float(last["keep_ratio"]) - k)

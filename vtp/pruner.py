@@ -13,7 +13,8 @@ at step 0 the scorer is the question-blind seed design.
   :math:`E[\text{mask}] = p_\text{keep}`. ``sampler`` selects the alternatives that the lessons measure:
   ``"soft"`` (``hard=False``: masks in (0, 1) that inference cannot reproduce), ``"one_gumbel"`` (the
   biased one-Gumbel sigmoid), ``"ste"`` (deterministic :math:`p > 0.5` with a straight-through gradient,
-  no exploration).
+  no exploration), ``"topk"`` (the inference rule itself, with a straight-through gradient: see
+  :func:`topk_straight_through`; lesson 07's second training phase).
 * **eval mode**: deterministic, no noise. ``rule="threshold"`` keeps :math:`p_\text{keep} > 0.5`;
   ``rule="topk"`` keeps the :math:`k = \max(\text{min\_keep}, \operatorname{round}(\text{ratio}\cdot N))`
   most probable of the :math:`N` valid tokens; ``rule="sample"`` draws each token's keep from Bernoulli(:math:`p`),
@@ -29,10 +30,11 @@ from torch import nn
 
 from .gumbel import check_tau, keep_probability, one_gumbel_sigmoid, sample_keep_mask
 
-__all__ = ["PrunerOutput", "GumbelVisionPruner", "check_ratio", "topk_keep_mask", "threshold_keep_mask"]
+__all__ = ["PrunerOutput", "GumbelVisionPruner", "check_ratio", "topk_keep_mask", "threshold_keep_mask",
+           "topk_straight_through"]
 
 RULES = ("threshold", "topk", "sample")
-SAMPLERS = ("gumbel", "soft", "one_gumbel", "ste")
+SAMPLERS = ("gumbel", "soft", "one_gumbel", "ste", "topk")
 
 
 class PrunerOutput(NamedTuple):
@@ -96,6 +98,30 @@ def threshold_keep_mask(scores, threshold: float = 0.5, valid_mask=None, min_kee
     rank = _rank(scores, valid)
     keep |= (rank < k_min.unsqueeze(-1)) & valid
     return keep.float()
+
+
+def topk_straight_through(logits, ratio, valid_mask=None, min_keep: int = 1, temperature: float = 1.0):
+    r"""The top-k rule of inference (ranked by :math:`p_\text{keep}`, :func:`topk_keep_mask`) in the forward
+    pass, with the gradient of a scale-free relaxation in the backward pass:
+
+    .. math::  \tilde m = k \operatorname{softmax}(z / T), \qquad
+               z_i = \frac{g_i - \operatorname{mean}(g)}{\operatorname{std}(g)}, \quad g = l_\text{keep} - l_\text{drop},
+
+    over each sample's valid tokens; mask = hard + :math:`\tilde m` - stopgrad(:math:`\tilde m`). Like the mask,
+    :math:`\tilde m` sums to :math:`k`. Standardising :math:`g` makes the surrogate blind to the level and the
+    scale of the gaps, which top-k ignores too; so it cannot saturate the way :math:`p = \sigma(g)` does when
+    :math:`|g|` grows (its gradient carries :math:`p(1-p)`)."""
+    check_tau(temperature, "temperature")
+    keep_prob = keep_probability(logits)
+    valid = _valid(keep_prob, valid_mask)
+    hard = topk_keep_mask(keep_prob, ratio, valid_mask, min_keep)
+    gap = (logits[..., 1] - logits[..., 0]).float()
+    n = valid.sum(-1, keepdim=True)
+    mean = gap.masked_fill(~valid, 0.0).sum(-1, keepdim=True) / n
+    std = ((gap - mean).masked_fill(~valid, 0.0).pow(2).sum(-1, keepdim=True) / n).sqrt()
+    z = ((gap - mean) / (std + 1e-6)).masked_fill(~valid, float("-inf"))
+    soft = hard.sum(-1, keepdim=True) * torch.softmax(z / temperature, dim=-1)
+    return hard + soft - soft.detach()
 
 
 class GumbelVisionPruner(nn.Module):
@@ -187,7 +213,10 @@ class GumbelVisionPruner(nn.Module):
         logits = self.score(tokens, text)
         keep_prob = keep_probability(logits)
         valid = _valid(keep_prob, valid_mask)
-        if self.training:
+        if self.training and self.sampler == "topk":
+            mask = topk_straight_through(logits, self.ratio if ratio is None else ratio, valid_mask, self.min_keep,
+                                         self.tau if tau is None else tau)
+        elif self.training:
             mask = self._sample(logits, keep_prob, self.tau if tau is None else tau) * valid.float()
         else:
             rule = self.rule if rule is None else rule

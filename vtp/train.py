@@ -39,7 +39,7 @@ from .vlm import PrunedVLM, build_llava, count_parameters, vlm_config
 
 __all__ = ["TrainConfig", "TEACHER_PRESETS", "teacher_config", "lr_factor", "lr_lambda", "train_teacher", "save_teacher",
            "load_teacher", "load_or_train_teacher", "teacher_dir", "REPO_ROOT", "PrunerConfig", "PRUNER_PRESETS",
-           "pruner_config", "train_pruner"]
+           "pruner_config", "pruner_recipe", "train_pruner"]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -332,10 +332,15 @@ class PrunerConfig:
 
     ``adapt_steps`` > 0 adds a second phase, **adaptation to the deployment rule**: the pruner is frozen and
     the language model trains ``adapt_steps`` more steps (CE + distillation, no sparsity term; learning rate
-    ``adapt_lr``, default ``lm_lr``, cosine to ``min_lr_ratio``) on the masks inference will apply, the
+    ``adapt_lr``, default ``lm_lr``, cosine to ``min_lr_ratio``; batches of ``adapt_batch_size``, default
+    ``batch_size``) on the masks inference will apply, the
     deterministic ``eval_rule`` at ``target_ratio``. Phase 1's Bernoulli(:math:`p`) masks mix a few low-:math:`p`
     tokens into every sample; top-k never keeps those, so the language model meets at inference a mask law
     it never trained on (lesson 07 measures the gap). The frozen pruner cannot saturate in phase 2.
+    ``adapt_pruner=True`` trains the pruner in phase 2 as well (at ``pruner_lr``, same cosine), through the
+    deployment rule itself: hard top-k forward, gradient of :func:`vtp.pruner.topk_straight_through`'s
+    scale-free surrogate, and the sparsity term (weight ``sparsity_weight``, target ``target_ratio``) as an
+    anchor for the level of the keep probabilities, which top-k ignores.
 
     Variants: ``sampler`` (see :class:`vtp.GumbelVisionPruner`), ``apply`` = ``"policy"`` (attention masking)
     or ``"zero"`` (``tokens * mask``), ``sparsity_scope`` = ``"visual"`` or ``"all"`` (text tokens counted as
@@ -371,6 +376,8 @@ class PrunerConfig:
     question_aware: bool = True
     adapt_steps: int = 0
     adapt_lr: float | None = None
+    adapt_pruner: bool = False
+    adapt_batch_size: int | None = None
     sampler: str = "gumbel"
     apply: str = "policy"
     eval_rule: str = "topk"
@@ -397,6 +404,8 @@ class PrunerConfig:
                 raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
         if not isinstance(self.adapt_steps, int) or self.adapt_steps < 0:
             raise ValueError(f"adapt_steps must be an int >= 0, got {self.adapt_steps!r}")
+        if self.adapt_batch_size is not None and (not isinstance(self.adapt_batch_size, int) or self.adapt_batch_size < 1):
+            raise ValueError(f"adapt_batch_size must be None or a positive int, got {self.adapt_batch_size!r}")
         if self.adapt_lr is not None and not (self.adapt_lr > 0 and math.isfinite(self.adapt_lr)):
             raise ValueError(f"adapt_lr must be None or a finite number > 0, got {self.adapt_lr}")
 
@@ -419,6 +428,21 @@ def pruner_config(mode: str | None = None, **overrides) -> PrunerConfig:
     if mode not in PRUNER_PRESETS:
         raise ValueError(f"mode must be one of {tuple(PRUNER_PRESETS)}, got {mode!r}")
     return dataclasses.replace(PRUNER_PRESETS[mode], **overrides)
+
+
+def pruner_recipe(ratio: float, seed: int = 0, mode: str | None = None, **overrides) -> PrunerConfig:
+    """Lesson 07's recipe for keep ratio ``ratio`` (what the notebook and ``vtp-train pruner`` run): the preset of
+    ``mode`` plus phase 2 with the pruner trained through top-k (``adapt_pruner``). Full run: 250 adaptation
+    steps of 256 questions; at ratios >= 0.25, 300 phase-1 steps, dual step 0.3 and no binarization (with
+    binarization one 0.25 run ended at keep 0.221). Smoke run: 20 adaptation steps. ``overrides`` last."""
+    mode = mode or run_mode()
+    ratio = check_ratio(ratio)
+    recipe = dict(target_ratio=ratio, seed=seed, adapt_pruner=True, adapt_steps=20)
+    if mode == "full":
+        recipe.update(adapt_steps=250, adapt_batch_size=256)
+        if ratio >= 0.25:
+            recipe.update(steps=300, controller_lr=0.3, binarize_weight=0.0, eval_every=150)
+    return pruner_config(mode, **{**recipe, **overrides})
 
 
 def _vision_parameters(llava):
@@ -463,7 +487,9 @@ def train_pruner(teacher, processor: VQAProcessor, cfg: PrunerConfig | str | Non
     = training hard-mask keep ratio, ``keep_prob``, ``saturated`` = fraction of visual keep probabilities
     outside [0.01, 0.99], ``train_acc`` = accuracy under the training mask, what the run's own graph shows,
     ``mask_binary`` = whether the training mask was exactly 0/1) and ``val`` = list of dicts with real-removal
-    validation accuracy and inference keep ratio, plus ``train_time_s``, ``device``, ``config``.
+    validation accuracy and inference keep ratio (``phase`` "gumbel" or "adapt", ``rule``; with phase 2, phase 1
+    ends with one more validation with ``rule="sample"``, the training masks' law), plus ``adapt`` (phase 2's
+    log), ``train_time_s``, ``device``, ``config``.
     ``callback(step, history)`` is called after each validation.
     """
     cfg = pruner_config(cfg) if cfg is None or isinstance(cfg, str) else cfg
@@ -497,10 +523,10 @@ def train_pruner(teacher, processor: VQAProcessor, cfg: PrunerConfig | str | Non
     history.update(val=[], device=device_name(device), config=dataclasses.asdict(cfg))
     batches = _batches_forever(data, processor, cfg, gen)
 
-    def validate(step, phase):
-        res = accuracy(vlm, val_data, processor, ratio=cfg.target_ratio if cfg.eval_rule == "topk" else None,
-                       rule=cfg.eval_rule, max_questions=cfg.eval_questions, bf16=cfg.bf16)
-        history["val"].append(dict(step=step, phase=phase, accuracy=res.accuracy, keep_ratio=res.keep_ratio))
+    def validate(step, phase, rule=cfg.eval_rule):
+        res = accuracy(vlm, val_data, processor, ratio=cfg.target_ratio if rule == "topk" else None,
+                       rule=rule, max_questions=cfg.eval_questions, bf16=cfg.bf16)
+        history["val"].append(dict(step=step, phase=phase, rule=rule, accuracy=res.accuracy, keep_ratio=res.keep_ratio))
         if callback is not None:
             callback(step, history)
 
@@ -556,7 +582,12 @@ def train_pruner(teacher, processor: VQAProcessor, cfg: PrunerConfig | str | Non
             bar.set_postfix(keep=f"{row['keep_ratio']:.3f}", acc=f"{row['train_acc']:.3f}")
         if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
             validate(step + 1, "gumbel")
+    if cfg.eval_every and cfg.adapt_steps:  # before phase 2: the training masks' law, for comparison
+        torch.manual_seed(cfg.seed)
+        validate(cfg.steps, "gumbel", "sample")
     if cfg.adapt_steps:
+        if cfg.adapt_batch_size not in (None, cfg.batch_size):
+            batches = _batches_forever(data, processor, dataclasses.replace(cfg, batch_size=cfg.adapt_batch_size), gen)
         _adapt_to_rule(vlm, teacher_vlm, loss_fn, opt, batches, cfg, history, validate)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -565,31 +596,36 @@ def train_pruner(teacher, processor: VQAProcessor, cfg: PrunerConfig | str | Non
 
 
 def _adapt_to_rule(vlm, teacher_vlm, loss_fn, opt, batches, cfg: PrunerConfig, history, validate):
-    r"""Phase 2 of :func:`train_pruner` (``cfg.adapt_steps`` > 0): the pruner (and the vision side) frozen, the
-    language model trained on the deployment masks (``cfg.eval_rule`` at ``cfg.target_ratio``, applied as
-    ``cfg.apply``) with CE + distillation. It reuses phase 1's optimizer (warm Adam moments), learning rate
-    ``adapt_lr`` (default ``lm_lr``) on a cosine to ``min_lr_ratio``. Logs ``history["adapt"]``."""
-    vlm.pruner.eval().requires_grad_(False)
+    r"""Phase 2 of :func:`train_pruner` (``cfg.adapt_steps`` > 0): the vision side and (unless
+    ``cfg.adapt_pruner``) the pruner frozen, the language model trained on the deployment masks
+    (``cfg.eval_rule`` at ``cfg.target_ratio``, applied as ``cfg.apply``) with CE + distillation. It reuses
+    phase 1's optimizer (warm Adam moments); learning rates ``adapt_lr`` (default ``lm_lr``) and ``pruner_lr``
+    on a cosine to ``min_lr_ratio``. Logs ``history["adapt"]``."""
     for p in _vision_parameters(vlm.llava):
         p.requires_grad_(False)
-    base = cfg.lm_lr if cfg.adapt_lr is None else cfg.adapt_lr
+    pruner, train_pruner_too = vlm.pruner, cfg.adapt_pruner and cfg.eval_rule == "topk"
+    pruner.train(train_pruner_too).requires_grad_(train_pruner_too)
+    sampler, pruner.sampler = pruner.sampler, "topk"
+    bases = [cfg.pruner_lr, cfg.lm_lr if cfg.adapt_lr is None else cfg.adapt_lr] + [0.0] * (len(opt.param_groups) - 2)
     ratio = cfg.target_ratio if cfg.eval_rule == "topk" else None
-    keys = ("step", "lr", "ce", "distill", "total", "keep_ratio", "train_acc")
+    w_s = cfg.sparsity_weight if train_pruner_too else 0.0
+    keys = ("step", "lr", "ce", "distill", "sparsity", "total", "keep_ratio", "keep_prob", "train_acc")
     log = history["adapt"] = {k: [] for k in keys}
     bar = progress(range(cfg.adapt_steps), desc=f"adapt @ {cfg.target_ratio:g}", leave=False)
     for i in bar:
-        lr = base * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * i / cfg.adapt_steps)))
-        for group in opt.param_groups:
-            group["lr"] = lr  # frozen parameters get no gradient, so AdamW leaves them alone
+        f = cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * i / cfg.adapt_steps))
+        for group, base in zip(opt.param_groups, bases):
+            group["lr"] = base * f  # frozen parameters get no gradient, so AdamW leaves them alone
         batch = next(batches)
         inputs = (batch["input_ids"], batch["pixel_values"], batch["attention_mask"], batch["labels"])
         with autocast(next(vlm.parameters()).device, cfg.bf16):
             with torch.no_grad():
                 teacher_logits = teacher_vlm(*inputs, mode="none").logits if cfg.distill_weight > 0 else None
-            out = vlm(*inputs, mode=cfg.apply, ratio=ratio, rule=cfg.eval_rule)
+            out = vlm(*inputs, mode=cfg.apply, ratio=ratio, rule=cfg.eval_rule, tau=1.0)
         try:
             loss, parts = loss_fn(out.logits, out.labels, out.keep_prob, keep_mask=out.visual_keep,
-                                  teacher_logits=teacher_logits, sparsity_weight=0.0, binarize_weight=0.0)
+                                  teacher_logits=teacher_logits, sparsity_weight=w_s, target_ratio=cfg.target_ratio,
+                                  binarize_weight=0.0)
         except FloatingPointError as err:
             raise FloatingPointError(f"train_pruner: non-finite loss at adaptation step {i}; lower adapt_lr or "
                                      f"disable bf16. {err}") from None
@@ -601,15 +637,16 @@ def _adapt_to_rule(vlm, teacher_vlm, loss_fn, opt, batches, cfg: PrunerConfig, h
             with torch.no_grad():
                 logits, answers = answer_logits(out.logits, out.labels)
                 acc = (logits.argmax(-1) == answers).float().mean().item()
-            row = dict(step=cfg.steps + i, lr=lr, train_acc=acc, **{k: parts[k] for k in ("ce", "distill", "total",
-                                                                                         "keep_ratio")})
+            row = dict(step=cfg.steps + i, lr=bases[1] * f, train_acc=acc,
+                       **{k: parts[k] for k in ("ce", "distill", "sparsity", "total", "keep_ratio", "keep_prob")})
             for k in keys:
                 log[k].append(row[k])
             bar.set_postfix(acc=f"{acc:.3f}")
         if cfg.eval_every and ((i + 1) % cfg.eval_every == 0 or i + 1 == cfg.adapt_steps):
-            validate(cfg.steps + i + 1, "adapt")
-            vlm.pruner.eval()  # accuracy() restored train mode
+            validate(cfg.steps + i + 1, "adapt")  # accuracy() restores train mode afterwards:
+            pruner.train(train_pruner_too)
             vlm.llava.model.vision_tower.eval()
+    pruner.sampler = sampler
 
 
 def main(argv=None):
@@ -617,7 +654,7 @@ def main(argv=None):
 
     * ``vtp-train teacher [--mode smoke|full] [--out DIR]``: train and save a teacher, print test accuracy;
     * ``vtp-train pruner [--mode smoke|full] [--ratio R] [--seed S] [--out FILE]``: load (or train) the
-      teacher, train a pruner at keep ratio R (lesson 07's recipe), print test accuracy with real removal
+      teacher, train a pruner at keep ratio R (lesson 07's recipe, :func:`pruner_recipe`), print test accuracy with real removal
       (top-k at R) and the final training keep ratio, as JSON (also written to FILE).
 
     ``--config JSON`` overrides fields of the preset recipe (:class:`TrainConfig` or :class:`PrunerConfig`),
@@ -644,8 +681,7 @@ def main(argv=None):
         save_teacher(model, processor, out, {k: history[k] for k in ("device", "train_time_s", "parameters", "config")})
         return
     teacher, processor, _ = load_or_train_teacher(args.mode)
-    cfg = pruner_config(args.mode, **{"target_ratio": check_ratio(args.ratio, "--ratio"), "seed": args.seed,
-                                      **args.config})
+    cfg = pruner_recipe(check_ratio(args.ratio, "--ratio"), args.seed, args.mode, **args.config)
     student, history = train_pruner(teacher, processor, cfg)
     res = accuracy(student, load_split("test"), processor, ratio=cfg.target_ratio)
     summary = {"ratio": cfg.target_ratio, "seed": cfg.seed, "test_accuracy": res.accuracy, "per_type": res.per_type,
