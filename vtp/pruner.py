@@ -118,8 +118,10 @@ def topk_straight_through(logits, ratio, valid_mask=None, min_keep: int = 1, tem
     gap = (logits[..., 1] - logits[..., 0]).float()
     n = valid.sum(-1, keepdim=True)
     mean = gap.masked_fill(~valid, 0.0).sum(-1, keepdim=True) / n
-    std = ((gap - mean).masked_fill(~valid, 0.0).pow(2).sum(-1, keepdim=True) / n).sqrt()
-    z = ((gap - mean) / (std + 1e-6)).masked_fill(~valid, float("-inf"))
+    var = (gap - mean).masked_fill(~valid, 0.0).pow(2).sum(-1, keepdim=True) / n
+    # eps inside the root: equal gaps (var = 0, e.g. a question whose answer any token gives) must not
+    # make d sqrt/d var infinite
+    z = ((gap - mean) * torch.rsqrt(var + 1e-6)).masked_fill(~valid, float("-inf"))
     soft = hard.sum(-1, keepdim=True) * torch.softmax(z / temperature, dim=-1)
     return hard + soft - soft.detach()
 
