@@ -5,6 +5,7 @@
 Widget state in notebook metadata breaks GitHub's renderer, so it is removed after execution (it is
 recorded during execution because nbclient needs it for ipywidgets.Output).
 """
+import signal
 import sys
 import time
 from pathlib import Path
@@ -13,7 +14,12 @@ import nbformat
 from nbclient import NotebookClient
 
 
+def _terminated(signum, frame):
+    raise TimeoutError(f"terminated by signal {signum}")
+
+
 def run(path: Path, timeout: int = 1800) -> float:
+    signal.signal(signal.SIGTERM, _terminated)  # `timeout` sends SIGTERM: keep the partial outputs
     nb = nbformat.read(path, as_version=4)
     start = time.perf_counter()
     client = NotebookClient(nb, timeout=timeout, kernel_name="python3", store_widget_state=True,

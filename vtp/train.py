@@ -332,8 +332,7 @@ class PrunerConfig:
 
     ``adapt_steps`` > 0 adds a second phase, **adaptation to the deployment rule**: the pruner is frozen and
     the language model trains ``adapt_steps`` more steps (CE + distillation, no sparsity term; learning rate
-    ``adapt_lr``, default ``lm_lr``, cosine to ``min_lr_ratio``; batches of ``adapt_batch_size``, default
-    ``batch_size``) on the masks inference will apply, the
+    ``adapt_lr``, default ``lm_lr``, cosine to ``min_lr_ratio``) on the masks inference will apply, the
     deterministic ``eval_rule`` at ``target_ratio``. Phase 1's Bernoulli(:math:`p`) masks mix a few low-:math:`p`
     tokens into every sample; top-k never keeps those, so the language model meets at inference a mask law
     it never trained on (lesson 07 measures the gap). The frozen pruner cannot saturate in phase 2.
@@ -377,7 +376,6 @@ class PrunerConfig:
     adapt_steps: int = 0
     adapt_lr: float | None = None
     adapt_pruner: bool = False
-    adapt_batch_size: int | None = None
     sampler: str = "gumbel"
     apply: str = "policy"
     eval_rule: str = "topk"
@@ -404,8 +402,6 @@ class PrunerConfig:
                 raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
         if not isinstance(self.adapt_steps, int) or self.adapt_steps < 0:
             raise ValueError(f"adapt_steps must be an int >= 0, got {self.adapt_steps!r}")
-        if self.adapt_batch_size is not None and (not isinstance(self.adapt_batch_size, int) or self.adapt_batch_size < 1):
-            raise ValueError(f"adapt_batch_size must be None or a positive int, got {self.adapt_batch_size!r}")
         if self.adapt_lr is not None and not (self.adapt_lr > 0 and math.isfinite(self.adapt_lr)):
             raise ValueError(f"adapt_lr must be None or a finite number > 0, got {self.adapt_lr}")
 
@@ -432,16 +428,17 @@ def pruner_config(mode: str | None = None, **overrides) -> PrunerConfig:
 
 def pruner_recipe(ratio: float, seed: int = 0, mode: str | None = None, **overrides) -> PrunerConfig:
     """Lesson 07's recipe for keep ratio ``ratio`` (what the notebook and ``vtp-train pruner`` run): the preset of
-    ``mode`` plus phase 2 with the pruner trained through top-k (``adapt_pruner``). Full run: 250 adaptation
-    steps of 256 questions; at ratios >= 0.25, 300 phase-1 steps, dual step 0.3 and no binarization (with
-    binarization one 0.25 run ended at keep 0.221). Smoke run: 20 adaptation steps. ``overrides`` last."""
+    ``mode`` plus phase 2 with the pruner trained through top-k (``adapt_pruner``). Full run: 500 phase-1 steps
+    and 350 adaptation steps; at ratios >= 0.25, 300 phase-1 steps, dual step 0.3, no binarization (with
+    binarization one 0.25 run ended at keep 0.221) and 150 adaptation steps. Smoke run: 20 adaptation steps.
+    ``overrides`` last."""
     mode = mode or run_mode()
     ratio = check_ratio(ratio)
     recipe = dict(target_ratio=ratio, seed=seed, adapt_pruner=True, adapt_steps=20)
     if mode == "full":
-        recipe.update(adapt_steps=250, adapt_batch_size=256)
+        recipe.update(steps=500, adapt_steps=350)
         if ratio >= 0.25:
-            recipe.update(steps=300, controller_lr=0.3, binarize_weight=0.0, eval_every=150)
+            recipe.update(steps=300, adapt_steps=150, controller_lr=0.3, binarize_weight=0.0, eval_every=150)
     return pruner_config(mode, **{**recipe, **overrides})
 
 
@@ -586,8 +583,6 @@ def train_pruner(teacher, processor: VQAProcessor, cfg: PrunerConfig | str | Non
         torch.manual_seed(cfg.seed)
         validate(cfg.steps, "gumbel", "sample")
     if cfg.adapt_steps:
-        if cfg.adapt_batch_size not in (None, cfg.batch_size):
-            batches = _batches_forever(data, processor, dataclasses.replace(cfg, batch_size=cfg.adapt_batch_size), gen)
         _adapt_to_rule(vlm, teacher_vlm, loss_fn, opt, batches, cfg, history, validate)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
