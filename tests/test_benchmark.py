@@ -266,6 +266,17 @@ def test_compile_is_skipped_without_cuda_graphs_and_best_goal_is_labelled():
     assert [g["met"] for g in goals if g["method"] == "graph" and "speedup" in g["goal"]] == [False, False]
 
 
+def test_best_goals_at_batch_8_use_the_fastest_method():
+    rows = [dict(method=m, removal="static", batch=8, keep_ratio=k, speedup=s, fraction_of_bound=f, overhead_frac=o)
+            for m, k, s, f, o in [("graph", 0.25, 2.8, 0.91, 0.006), ("graph", 0.11, 4.9, 0.9, 0.0101),
+                                  ("compiled", 0.25, 2.9, 0.93, 0.004), ("compiled", 0.11, 5.0, 0.92, 0.007)]]
+    best = [(g["goal"], g["met"]) for g in check_goals(dict(prefill=rows)) if g["method"] == "best"]
+    assert best == [("speedup / FLOPs bound, keep 0.25, batch 8 [best: compiled, static removal]", True),
+                    ("pruner overhead / pruned prefill, batch 8 (worst ratio) [best: compiled, static removal]", True)]
+    graph = [g for g in check_goals(dict(prefill=rows)) if g["method"] == "graph" and "overhead" in g["goal"]]
+    assert [g["met"] for g in graph] == [False]  # the worst ratio of the graph method: 1.01%
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs and torch.compile need a GPU")
 def test_compiled_graphs_equal_reference_on_cuda():
     config = lm_config("tiny")

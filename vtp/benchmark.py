@@ -314,12 +314,7 @@ class PrunedPrefill:
         self._ones = torch.ones(B, self.seq_len, dtype=torch.long, device=embeds.device)
         self._lengths = torch.full((B,), self.seq_len, dtype=torch.long, device=embeds.device)
         self._tiebreak = n_visual - 1 - torch.arange(n_visual, device=embeds.device)  # earlier token first
-        # question-aware pruner: the mean of the text tokens' embeddings as one product with weights 1/n_text
-        # on text positions and 0 on visual ones (one kernel instead of two sums, an add and a division)
-        self._text_weight = None
-        if getattr(pruner, "text_dim", None) is not None:
-            self._text_weight = torch.full((L,), 1.0 / (L - n_visual), dtype=embeds.dtype, device=embeds.device)
-            self._text_weight[self.vis] = 0
+        self._text_parts = None if getattr(pruner, "text_dim", None) is None else (embeds[:, :text_before], embeds[:, self.vis.stop:])
         self.graphs = graphs and embeds.is_cuda
         # the compiled selection is stored unbound (called with self): a bound method kept on self would make
         # a reference cycle, and only the garbage collector would then free this object's graphs and KV cache
@@ -367,7 +362,10 @@ class PrunedPrefill:
         """The pruner's keep probabilities [B, n_visual] via :meth:`GumbelVisionPruner.score` (``forward`` also
         re-checks its validity mask on the host, a read-back that a CUDA graph cannot contain). A question-aware
         pruner gets the mean of the text tokens' embeddings, as :meth:`vtp.PrunedVLM.question_embedding`."""
-        text = None if self._text_weight is None else torch.einsum("l,bld->bd", self._text_weight, self.embeds)
+        text = None
+        if self._text_parts is not None:
+            before, after = self._text_parts
+            text = (before.sum(1) + after.sum(1)) / (before.shape[1] + after.shape[1])
         return keep_probability(self.pruner.score(self.embeds[:, self.vis], text))
 
     def _keep_mask(self) -> torch.Tensor:

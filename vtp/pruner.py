@@ -107,7 +107,7 @@ def topk_straight_through(logits, ratio, valid_mask=None, min_keep: int = 1, tem
     .. math::  \tilde m = k \operatorname{softmax}(z / T), \qquad
                z_i = \frac{g_i - \operatorname{mean}(g)}{\operatorname{std}(g)}, \quad g = l_\text{keep} - l_\text{drop},
 
-    over each sample's valid tokens; mask = hard + :math:`\tilde m` - stopgrad(:math:`\tilde m`). Like the mask,
+    over each sample's valid tokens; mask = hard + (:math:`\tilde m` - stopgrad(:math:`\tilde m`)). Like the mask,
     :math:`\tilde m` sums to :math:`k`. Standardising :math:`g` makes the surrogate blind to the level and the
     scale of the gaps, which top-k ignores too; so it cannot saturate the way :math:`p = \sigma(g)` does when
     :math:`|g|` grows (its gradient carries :math:`p(1-p)`)."""
@@ -123,7 +123,7 @@ def topk_straight_through(logits, ratio, valid_mask=None, min_keep: int = 1, tem
     # make d sqrt/d var infinite
     z = ((gap - mean) * torch.rsqrt(var + 1e-6)).masked_fill(~valid, float("-inf"))
     soft = hard.sum(-1, keepdim=True) * torch.softmax(z / temperature, dim=-1)
-    return hard + soft - soft.detach()
+    return hard + (soft - soft.detach())  # forward: hard + 0, exactly 0/1
 
 
 class GumbelVisionPruner(nn.Module):
