@@ -105,3 +105,19 @@ def test_recipe():
     assert pruner_recipe(0.5, mode="full", adapt_steps=0).adapt_steps == 0  # overrides last
     with pytest.raises(ValueError, match="ratio"):
         pruner_recipe(1.5, mode="smoke")
+
+
+def test_phase_2_from_a_given_student(teacher):
+    model, proc = teacher
+    base, _ = train_pruner(model, proc, _cfg())
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    adapted, h = train_pruner(model, proc, _cfg(target_ratio=0.5, adapt_steps=6, adapt_pruner=True), student=base)
+    assert all(torch.equal(before[k], v) for k, v in base.state_dict().items())  # the given student is untouched
+    assert h["step"] == [] and [(v["step"], v["phase"], v["rule"]) for v in h["val"]] == [
+        (0, "gumbel", "topk"), (0, "gumbel", "sample"), (6, "adapt", "topk")]
+    assert h["adapt"]["step"] == [0, 3, 5] and h["adapt"]["keep_ratio"] == [0.5] * 3 and adapted.pruner.ratio == 0.5
+    assert h["adapt"]["lr"][0] < h["adapt"]["lr"][1]  # a fresh optimizer is warmed up
+    moved = lambda part: any(not torch.equal(before[k], v) for k, v in adapted.state_dict().items() if k.startswith(part))
+    assert moved("pruner.") and moved("llava.model.language_model.") and not moved("llava.model.vision_tower.")
+    with pytest.raises(ValueError, match="adapt_steps"):
+        train_pruner(model, proc, _cfg(), student=base)

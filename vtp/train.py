@@ -464,6 +464,18 @@ def _student(teacher, cfg: PrunerConfig):
     return PrunedVLM(student, pruner.to(next(student.parameters()).device))
 
 
+def _continue(student: PrunedVLM, cfg: PrunerConfig) -> PrunedVLM:
+    """A trainable copy of a trained student for phase 2 at ``cfg.target_ratio`` (language model trainable,
+    vision side frozen as in :func:`_student`)."""
+    vlm = copy.deepcopy(student).train()
+    vlm.pruner.ratio = cfg.target_ratio
+    for p in vlm.llava.parameters():
+        p.requires_grad_(False)
+    for p in list(vlm.language_model.parameters()) + list(vlm.llava.lm_head.parameters()):
+        p.requires_grad_(True)
+    return vlm
+
+
 def _sparsity_inputs(out, cfg: PrunerConfig, attention_mask):
     """keep_prob / keep_mask / visual_mask for PruningLoss: visual tokens only, or (the bug) the whole
     sequence with text tokens counted as kept."""
@@ -476,7 +488,7 @@ def _sparsity_inputs(out, cfg: PrunerConfig, attention_mask):
 
 
 def train_pruner(teacher, processor: VQAProcessor, cfg: PrunerConfig | str | None = None, device=None,
-                 val_data=None, callback=None):
+                 val_data=None, callback=None, student: PrunedVLM | None = None):
     """Train a :class:`vtp.GumbelVisionPruner` (and fine-tune the language model) against a frozen teacher.
 
     Returns ``(student PrunedVLM in eval mode, history)``. ``history`` is a dict of lists logged every
@@ -488,15 +500,23 @@ def train_pruner(teacher, processor: VQAProcessor, cfg: PrunerConfig | str | Non
     ends with one more validation with ``rule="sample"``, the training masks' law), plus ``adapt`` (phase 2's
     log), ``train_time_s``, ``device``, ``config``.
     ``callback(step, history)`` is called after each validation.
+
+    ``student`` (a trained :class:`PrunedVLM`, e.g. phase 1 of a run at another ratio) skips phase 1: a copy of
+    it goes through phase 2 only (``cfg.adapt_steps`` > 0) at ``cfg.target_ratio``, with a fresh optimizer
+    warmed up over ``warmup_steps``, after validating it at step 0 (``phase`` "gumbel", both rules); ``student``
+    itself is left unchanged. One phase-1 model can so serve several ratios.
     """
     cfg = pruner_config(cfg) if cfg is None or isinstance(cfg, str) else cfg
+    if student is not None and not cfg.adapt_steps:
+        raise ValueError("student is given, so only phase 2 runs: cfg.adapt_steps must be > 0, got 0")
     device = torch.device(device) if device is not None else next(teacher.parameters()).device
     torch.manual_seed(cfg.seed)
     teacher = teacher.to(device).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
     teacher_vlm = PrunedVLM(teacher)
-    vlm = _student(teacher, cfg).to(device)
+    vlm = (_student(teacher, cfg) if student is None else _continue(student, cfg)).to(device)
+    phase1 = cfg.steps if student is None else 0
     loss_fn = PruningLoss(cfg.target_ratio, cfg.distill_weight, cfg.sparsity_weight, cfg.distill_temperature,
                           cfg.sparsity, cfg.sparsity_on)
     controller = DualAscentController(cfg.target_ratio, cfg.controller_lr) if cfg.controller_lr > 0 else None
@@ -530,7 +550,7 @@ def train_pruner(teacher, processor: VQAProcessor, cfg: PrunerConfig | str | Non
     vlm.train()
     vlm.llava.model.vision_tower.eval()
     start = time.perf_counter()
-    bar = progress(range(cfg.steps), desc=f"pruner @ {cfg.target_ratio:g}", leave=False)
+    bar = progress(range(phase1), desc=f"pruner @ {cfg.target_ratio:g}", leave=False)
     for step in bar:
         batch = next(batches)
         tau = get_temperature(step, cfg.steps, cfg.max_temp, cfg.min_temp, cfg.temp_schedule)
@@ -579,23 +599,28 @@ def train_pruner(teacher, processor: VQAProcessor, cfg: PrunerConfig | str | Non
             bar.set_postfix(keep=f"{row['keep_ratio']:.3f}", acc=f"{row['train_acc']:.3f}")
         if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
             validate(step + 1, "gumbel")
-    if cfg.eval_every and cfg.adapt_steps:  # before phase 2: the training masks' law, for comparison
+    if cfg.eval_every and cfg.adapt_steps:  # before phase 2 (and the training masks' law, for comparison)
+        if not phase1:
+            validate(0, "gumbel")
         torch.manual_seed(cfg.seed)
-        validate(cfg.steps, "gumbel", "sample")
+        validate(phase1, "gumbel", "sample")
     if cfg.adapt_steps:
-        _adapt_to_rule(vlm, teacher_vlm, loss_fn, opt, batches, cfg, history, validate)
+        _adapt_to_rule(vlm, teacher_vlm, loss_fn, opt, batches, cfg, history, validate, start=phase1,
+                       warmup=0 if phase1 else cfg.warmup_steps)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     history["train_time_s"] = time.perf_counter() - start
     return vlm.eval(), history
 
 
-def _adapt_to_rule(vlm, teacher_vlm, loss_fn, opt, batches, cfg: PrunerConfig, history, validate):
+def _adapt_to_rule(vlm, teacher_vlm, loss_fn, opt, batches, cfg: PrunerConfig, history, validate, start: int,
+                   warmup: int):
     r"""Phase 2 of :func:`train_pruner` (``cfg.adapt_steps`` > 0): the vision side and (unless
     ``cfg.adapt_pruner``) the pruner frozen, the language model trained on the deployment masks
     (``cfg.eval_rule`` at ``cfg.target_ratio``, applied as ``cfg.apply``) with CE + distillation. It reuses
-    phase 1's optimizer (warm Adam moments); learning rates ``adapt_lr`` (default ``lm_lr``) and ``pruner_lr``
-    on a cosine to ``min_lr_ratio``. Logs ``history["adapt"]``."""
+    phase 1's optimizer (warm Adam moments; a fresh one gets a linear ``warmup``); learning rates ``adapt_lr``
+    (default ``lm_lr``) and ``pruner_lr`` on a cosine to ``min_lr_ratio``. Steps are numbered from ``start``.
+    Logs ``history["adapt"]``."""
     for p in _vision_parameters(vlm.llava):
         p.requires_grad_(False)
     pruner, train_pruner_too = vlm.pruner, cfg.adapt_pruner and cfg.eval_rule == "topk"
@@ -609,6 +634,7 @@ def _adapt_to_rule(vlm, teacher_vlm, loss_fn, opt, batches, cfg: PrunerConfig, h
     bar = progress(range(cfg.adapt_steps), desc=f"adapt @ {cfg.target_ratio:g}", leave=False)
     for i in bar:
         f = cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * i / cfg.adapt_steps))
+        f *= min(1.0, (i + 1) / warmup) if warmup else 1.0
         for group, base in zip(opt.param_groups, bases):
             group["lr"] = base * f  # frozen parameters get no gradient, so AdamW leaves them alone
         batch = next(batches)
@@ -632,13 +658,13 @@ def _adapt_to_rule(vlm, teacher_vlm, loss_fn, opt, batches, cfg: PrunerConfig, h
             with torch.no_grad():
                 logits, answers = answer_logits(out.logits, out.labels)
                 acc = (logits.argmax(-1) == answers).float().mean().item()
-            row = dict(step=cfg.steps + i, lr=bases[1] * f, train_acc=acc,
+            row = dict(step=start + i, lr=bases[1] * f, train_acc=acc,
                        **{k: parts[k] for k in ("ce", "distill", "sparsity", "total", "keep_ratio", "keep_prob")})
             for k in keys:
                 log[k].append(row[k])
             bar.set_postfix(acc=f"{acc:.3f}")
         if cfg.eval_every and ((i + 1) % cfg.eval_every == 0 or i + 1 == cfg.adapt_steps):
-            validate(cfg.steps + i + 1, "adapt")  # accuracy() restores train mode afterwards:
+            validate(start + i + 1, "adapt")  # accuracy() restores train mode afterwards:
             pruner.train(train_pruner_too)
             vlm.llava.model.vision_tower.eval()
     pruner.sampler = sampler
