@@ -108,9 +108,9 @@ def topk_straight_through(logits, ratio, valid_mask=None, min_keep: int = 1, tem
                z_i = \frac{g_i - \operatorname{mean}(g)}{\operatorname{std}(g)}, \quad g = l_\text{keep} - l_\text{drop},
 
     over each sample's valid tokens; mask = hard + (:math:`\tilde m` - stopgrad(:math:`\tilde m`)). Like the mask,
-    :math:`\tilde m` sums to :math:`k`. Standardising :math:`g` makes the surrogate blind to the level and the
-    scale of the gaps, which top-k ignores too; so it cannot saturate the way :math:`p = \sigma(g)` does when
-    :math:`|g|` grows (its gradient carries :math:`p(1-p)`)."""
+    :math:`\tilde m` sums to :math:`k`. Standardising :math:`g` makes the surrogate blind to the level of the
+    gaps, which top-k ignores too (its gradient scales as 1/spread); so it cannot saturate the way
+    :math:`p = \sigma(g)` does, whose gradient carries :math:`p(1-p)`, 0 once the gaps drift to one side."""
     check_tau(temperature, "temperature")
     keep_prob = keep_probability(logits)
     valid = _valid(keep_prob, valid_mask)
