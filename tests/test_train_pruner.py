@@ -1,4 +1,5 @@
-"""vtp.train.train_pruner on a tiny untrained LLaVA: history, binary masks, keep ratio moving, variants, CLI."""
+"""vtp.train.train_pruner on a tiny untrained LLaVA: history, binary masks, keep ratio moving, variants, CLI,
+phase 2 (adaptation to the top-k rule) and the lesson-07 recipe."""
 import json
 import math
 
@@ -6,7 +7,8 @@ import pytest
 import torch
 
 from vtp.data import build_processor
-from vtp.train import main, pruner_config, train_pruner
+from vtp.diagnose import diagnose
+from vtp.train import main, pruner_config, pruner_recipe, train_pruner
 from vtp.vlm import PrunedVLM, build_llava
 
 
@@ -75,3 +77,63 @@ def test_vision_lr_trains_vision_tower_and_projector(teacher):
     assert all(torch.equal(v, ref[k]) for k, v in model.state_dict().items())  # the teacher is untouched
     with pytest.raises(ValueError, match="vision_lr"):
         pruner_config("smoke", vision_lr=-1.0)
+
+
+def test_adaptation_phase_trains_what_it_should(teacher):
+    model, proc = teacher
+    state = lambda m: {k: v.clone() for k, v in m.state_dict().items()}
+    plain, _ = train_pruner(model, proc, _cfg())
+    frozen, hf = train_pruner(model, proc, _cfg(adapt_steps=6))
+    joint, hj = train_pruner(model, proc, _cfg(adapt_steps=6, adapt_pruner=True))
+    p0, pf, pj = state(plain.pruner), state(frozen.pruner), state(joint.pruner)
+    assert all(torch.equal(p0[k], pf[k]) for k in p0)  # phase 1 is the same run; phase 2 left the pruner alone
+    assert any(not torch.equal(p0[k], pj[k]) for k in p0)  # ... unless adapt_pruner
+    lm0, lmf = state(plain.language_model), state(frozen.language_model)
+    assert any(not torch.equal(lm0[k], lmf[k]) for k in lm0)
+    v0 = state(plain.llava.model.vision_tower)
+    assert all(torch.equal(v0[k], v) for k, v in state(joint.llava.model.vision_tower).items())
+    assert frozen.pruner.sampler == joint.pruner.sampler == "gumbel"  # restored after phase 2
+    for h in (hf, hj):
+        assert [(v["step"], v["phase"], v["rule"]) for v in h["val"]] == [
+            (6, "gumbel", "topk"), (12, "gumbel", "topk"), (12, "gumbel", "sample"), (18, "adapt", "topk")]
+        assert h["adapt"]["step"] == [12, 15, 17] and h["adapt"]["keep_ratio"] == [0.25] * 3  # exactly k / N
+    assert hf["adapt"]["sparsity"] and all(x >= 0 for x in hj["adapt"]["sparsity"])
+    # diagnose reads phase 1's top-k validations only: a phase-2 or sample-rule entry changes nothing
+    before = [f.symptom for f in diagnose(hj, target_ratio=0.25)]
+    hj["val"].append(dict(step=99, phase="adapt", rule="topk", accuracy=0.0, keep_ratio=0.9))
+    hj["val"].insert(2, dict(step=12, phase="gumbel", rule="sample", accuracy=0.0, keep_ratio=0.9))
+    assert [f.symptom for f in diagnose(hj, target_ratio=0.25)] == before
+
+
+@pytest.mark.parametrize("field, value", [("adapt_steps", -1), ("adapt_steps", 2.5), ("adapt_lr", 0.0),
+                                          ("adapt_lr", float("nan"))])
+def test_adapt_fields_are_checked(field, value):
+    with pytest.raises(ValueError, match=field):
+        pruner_config("smoke", **{field: value})
+
+
+def test_recipe():
+    small, large = pruner_recipe(4 / 64, 1, "full"), pruner_recipe(0.25, 0, "full")
+    assert (small.steps, small.adapt_steps, small.adapt_pruner, small.seed) == (500, 350, True, 1)
+    assert (small.controller_lr, small.binarize_weight) == (1.0, 1.0)
+    assert (large.steps, large.adapt_steps, large.controller_lr, large.binarize_weight) == (300, 150, 0.3, 0.0)
+    assert pruner_recipe(0.5, mode="smoke").adapt_steps == 20
+    assert pruner_recipe(0.5, mode="full", adapt_steps=0).adapt_steps == 0  # overrides last
+    with pytest.raises(ValueError, match="ratio"):
+        pruner_recipe(1.5, mode="smoke")
+
+
+def test_phase_2_from_a_given_student(teacher):
+    model, proc = teacher
+    base, _ = train_pruner(model, proc, _cfg())
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    adapted, h = train_pruner(model, proc, _cfg(target_ratio=0.5, adapt_steps=6, adapt_pruner=True), student=base)
+    assert all(torch.equal(before[k], v) for k, v in base.state_dict().items())  # the given student is untouched
+    assert h["step"] == [] and [(v["step"], v["phase"], v["rule"]) for v in h["val"]] == [
+        (0, "gumbel", "topk"), (0, "gumbel", "sample"), (6, "adapt", "topk")]
+    assert h["adapt"]["step"] == [0, 3, 5] and h["adapt"]["keep_ratio"] == [0.5] * 3 and adapted.pruner.ratio == 0.5
+    assert h["adapt"]["lr"][0] < h["adapt"]["lr"][1]  # a fresh optimizer is warmed up
+    moved = lambda part: any(not torch.equal(before[k], v) for k, v in adapted.state_dict().items() if k.startswith(part))
+    assert moved("pruner.") and moved("llava.model.language_model.") and not moved("llava.model.vision_tower.")
+    with pytest.raises(ValueError, match="adapt_steps"):
+        train_pruner(model, proc, _cfg(), student=base)

@@ -447,17 +447,18 @@ def _vision_parameters(llava):
     return list(llava.model.vision_tower.parameters()) + list(llava.model.multi_modal_projector.parameters())
 
 
+def _set_trainable(llava, cfg: PrunerConfig):
+    """Language model and head trainable; vision tower and projector only if ``cfg.vision_lr`` > 0."""
+    for p in llava.parameters():
+        p.requires_grad_(False)
+    trainable = list(llava.model.language_model.parameters()) + list(llava.lm_head.parameters())
+    for p in trainable + (_vision_parameters(llava) if cfg.vision_lr > 0 else []):
+        p.requires_grad_(True)
+
+
 def _student(teacher, cfg: PrunerConfig):
     student = copy.deepcopy(teacher).train()
-    for p in student.parameters():
-        p.requires_grad_(False)
-    for p in student.model.language_model.parameters():
-        p.requires_grad_(True)
-    for p in student.lm_head.parameters():
-        p.requires_grad_(True)
-    if cfg.vision_lr > 0:
-        for p in _vision_parameters(student):
-            p.requires_grad_(True)
+    _set_trainable(student, cfg)
     hidden = student.config.text_config.hidden_size
     pruner = GumbelVisionPruner(hidden, rule=cfg.eval_rule, ratio=cfg.target_ratio, keep_bias=cfg.keep_bias,
                                 sampler=cfg.sampler, norm=cfg.pruner_norm, text_dim=hidden if cfg.question_aware else None)
@@ -465,14 +466,10 @@ def _student(teacher, cfg: PrunerConfig):
 
 
 def _continue(student: PrunedVLM, cfg: PrunerConfig) -> PrunedVLM:
-    """A trainable copy of a trained student for phase 2 at ``cfg.target_ratio`` (language model trainable,
-    vision side frozen as in :func:`_student`)."""
+    """A trainable copy of a trained student for phase 2 at ``cfg.target_ratio`` (trainable as in :func:`_student`)."""
     vlm = copy.deepcopy(student).train()
     vlm.pruner.ratio = cfg.target_ratio
-    for p in vlm.llava.parameters():
-        p.requires_grad_(False)
-    for p in list(vlm.language_model.parameters()) + list(vlm.llava.lm_head.parameters()):
-        p.requires_grad_(True)
+    _set_trainable(vlm.llava, cfg)
     return vlm
 
 
