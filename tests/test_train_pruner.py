@@ -117,6 +117,7 @@ def test_recipe():
     assert (small.steps, small.adapt_steps, small.adapt_pruner, small.seed) == (500, 350, True, 1)
     assert (small.controller_lr, small.binarize_weight) == (1.0, 1.0)
     assert (large.steps, large.adapt_steps, large.controller_lr, large.binarize_weight) == (300, 150, 0.3, 0.0)
+    assert [pruner_recipe(r, mode="full").adapt_steps for r in (2 / 64, 4 / 64, 7 / 64, 0.24)] == [350, 350, 700, 700]
     assert pruner_recipe(0.5, mode="smoke").adapt_steps == 20
     assert pruner_recipe(0.5, mode="full", adapt_steps=0).adapt_steps == 0  # overrides last
     with pytest.raises(ValueError, match="ratio"):
