@@ -255,7 +255,7 @@ class PrunedPrefill:
         """:meth:`_static_select` through ``torch.compile`` (with the compiled decoder layers): scoring, top-k
         and gather in a few fused kernels. Compiled here, before any capture; if that fails, ``None`` (the
         eager selection is used) and the error kept in ``select_compile_error``."""
-        fn = torch.compile(PrunedPrefill._static_select, dynamic=False)
+        fn = torch.compile(type(self)._static_select, dynamic=False)
         try:
             ref, out = self._static_select(), fn(self)
             # fused kernels round the bf16 scores differently, so near-ties may swap: the kept tokens' eager
