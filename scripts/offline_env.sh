@@ -9,5 +9,5 @@ if [ -n "${NEED_EXTRA:-}" ] && ls .whl/extra/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --target "$T/extra" .whl/extra/*.whl
   export PYTHONPATH="$T/extra"
 fi
-export PYTHONPATH="$T:$PWD${PYTHONPATH:+:$PYTHONPATH}" PATH="$T/bin:$PATH" MPLBACKEND=agg PYTHONUNBUFFERED=1
+export PYTHONPATH="$T:$PWD${PYTHONPATH:+:$PYTHONPATH}" PATH="$T/bin:$PATH" PYTHONUNBUFFERED=1
 python3 -m ipykernel install --user --name python3 >/dev/null

@@ -5,6 +5,7 @@
 Widget state in notebook metadata breaks GitHub's renderer, so it is removed after execution (it is
 recorded during execution because nbclient needs it for ipywidgets.Output).
 """
+import os
 import signal
 import sys
 import time
@@ -18,8 +19,18 @@ def _terminated(signum, frame):
     raise TimeoutError(f"terminated by signal {signum}")
 
 
+def _missing_figures(nb) -> list[int]:
+    """Code cells that call ``plt.show()`` but carry no image output."""
+    return [i for i, c in enumerate(nb.cells) if c.cell_type == "code" and "plt.show()" in c.source
+            and not any("image/png" in o.get("data", {}) for o in c.get("outputs", []))]
+
+
 def run(path: Path, timeout: int = 1800) -> float:
     signal.signal(signal.SIGTERM, _terminated)  # `timeout` sends SIGTERM: keep the partial outputs
+    # the kernel inherits this environment: with MPLBACKEND=agg (set for headless test runs) plt.show() draws
+    # nothing into the notebook, so let ipykernel choose its inline backend
+    if not os.environ.get("MPLBACKEND", "").endswith("backend_inline"):
+        os.environ.pop("MPLBACKEND", None)
     nb = nbformat.read(path, as_version=4)
     start = time.perf_counter()
     client = NotebookClient(nb, timeout=timeout, kernel_name="python3", store_widget_state=True,
@@ -34,6 +45,8 @@ def run(path: Path, timeout: int = 1800) -> float:
     elapsed = time.perf_counter() - start
     nb.metadata.pop("widgets", None)
     nbformat.write(nb, path)
+    if _missing_figures(nb):
+        raise RuntimeError(f"{path}: cells {_missing_figures(nb)} call plt.show() but have no figure output")
     return elapsed
 
 
