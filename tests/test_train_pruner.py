@@ -124,6 +124,17 @@ def test_recipe():
         pruner_recipe(1.5, mode="smoke")
 
 
+def test_phase_2_cycles_through_several_budgets(teacher):
+    model, proc = teacher  # 16 visual tokens: 0.25 keeps 4, 0.5 keeps 8
+    _, h = train_pruner(model, proc, _cfg(adapt_steps=4, adapt_pruner=True, adapt_ratios=[0.25, 0.5], log_every=1))
+    assert h["adapt"]["keep_ratio"] == [0.25, 0.5, 0.25, 0.5]
+    assert h["config"]["adapt_ratios"] == (0.25, 0.5) and h["val"][-1]["phase"] == "adapt"
+    with pytest.raises(ValueError, match="adapt_ratios"):
+        pruner_config("smoke", adapt_ratios=(0.25, 1.5))
+    with pytest.raises(ValueError, match="adapt_ratios"):
+        pruner_config("smoke", adapt_ratios=(0.25,), eval_rule="threshold")
+
+
 def test_phase_2_from_a_given_student(teacher):
     model, proc = teacher
     base, _ = train_pruner(model, proc, _cfg())

@@ -340,6 +340,9 @@ class PrunerConfig:
     deployment rule itself: hard top-k forward, gradient of :func:`vtp.pruner.topk_straight_through`'s
     scale-free surrogate, and the sparsity term (weight ``sparsity_weight``, target ``target_ratio``) as an
     anchor for the level of the keep probabilities, which top-k ignores.
+    ``adapt_ratios`` (non-empty) trains phase 2 on several top-k budgets instead of ``target_ratio`` alone:
+    step :math:`i` uses ``adapt_ratios[i % len(adapt_ratios)]`` (mask and anchor target), so that ONE model
+    serves every budget, its ranking good at each cut; validations stay at ``target_ratio``.
 
     Variants: ``sampler`` (see :class:`vtp.GumbelVisionPruner`), ``apply`` = ``"policy"`` (attention masking)
     or ``"zero"`` (``tokens * mask``), ``sparsity_scope`` = ``"visual"`` or ``"all"`` (text tokens counted as
@@ -376,6 +379,7 @@ class PrunerConfig:
     adapt_steps: int = 0
     adapt_lr: float | None = None
     adapt_pruner: bool = False
+    adapt_ratios: tuple = ()
     sampler: str = "gumbel"
     apply: str = "policy"
     eval_rule: str = "topk"
@@ -404,6 +408,9 @@ class PrunerConfig:
             raise ValueError(f"adapt_steps must be an int >= 0, got {self.adapt_steps!r}")
         if self.adapt_lr is not None and not (self.adapt_lr > 0 and math.isfinite(self.adapt_lr)):
             raise ValueError(f"adapt_lr must be None or a finite number > 0, got {self.adapt_lr}")
+        self.adapt_ratios = tuple(check_ratio(r, "adapt_ratios") for r in self.adapt_ratios)
+        if self.adapt_ratios and self.eval_rule != "topk":
+            raise ValueError(f"adapt_ratios needs eval_rule='topk' (a budget per step), got {self.eval_rule!r}")
 
 
 PRUNER_PRESETS = {
@@ -615,7 +622,8 @@ def _adapt_to_rule(vlm, teacher_vlm, loss_fn, opt, batches, cfg: PrunerConfig, h
                    warmup: int):
     r"""Phase 2 of :func:`train_pruner` (``cfg.adapt_steps`` > 0): the vision side and (unless
     ``cfg.adapt_pruner``) the pruner frozen, the language model trained on the deployment masks
-    (``cfg.eval_rule`` at ``cfg.target_ratio``, applied as ``cfg.apply``) with CE + distillation. It reuses
+    (``cfg.eval_rule`` at ``cfg.target_ratio``, or cycling through ``cfg.adapt_ratios``, applied as
+    ``cfg.apply``) with CE + distillation. It reuses
     phase 1's optimizer (warm Adam moments; a fresh one gets a linear ``warmup``); learning rates ``adapt_lr``
     (default ``lm_lr``) and ``pruner_lr`` on a cosine to ``min_lr_ratio``. Steps are numbered from ``start``.
     Logs ``history["adapt"]``."""
@@ -625,12 +633,13 @@ def _adapt_to_rule(vlm, teacher_vlm, loss_fn, opt, batches, cfg: PrunerConfig, h
     pruner.train(train_pruner_too).requires_grad_(train_pruner_too)
     sampler, pruner.sampler = pruner.sampler, "topk"
     bases = [cfg.pruner_lr, cfg.lm_lr if cfg.adapt_lr is None else cfg.adapt_lr] + [0.0] * (len(opt.param_groups) - 2)
-    ratio = cfg.target_ratio if cfg.eval_rule == "topk" else None
     w_s = cfg.sparsity_weight if train_pruner_too else 0.0
     keys = ("step", "lr", "ce", "distill", "sparsity", "total", "keep_ratio", "keep_prob", "train_acc")
     log = history["adapt"] = {k: [] for k in keys}
-    bar = progress(range(cfg.adapt_steps), desc=f"adapt @ {cfg.target_ratio:g}", leave=False)
+    budgets = cfg.adapt_ratios or (cfg.target_ratio,)
+    bar = progress(range(cfg.adapt_steps), desc=f"adapt @ {'/'.join(f'{r:g}' for r in budgets)}", leave=False)
     for i in bar:
+        target = budgets[i % len(budgets)]
         f = cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * i / cfg.adapt_steps))
         f *= min(1.0, (i + 1) / warmup) if warmup else 1.0
         for group, base in zip(opt.param_groups, bases):
@@ -640,10 +649,11 @@ def _adapt_to_rule(vlm, teacher_vlm, loss_fn, opt, batches, cfg: PrunerConfig, h
         with autocast(next(vlm.parameters()).device, cfg.bf16):
             with torch.no_grad():
                 teacher_logits = teacher_vlm(*inputs, mode="none").logits if cfg.distill_weight > 0 else None
-            out = vlm(*inputs, mode=cfg.apply, ratio=ratio, rule=cfg.eval_rule, tau=1.0)
+            out = vlm(*inputs, mode=cfg.apply, ratio=target if cfg.eval_rule == "topk" else None, rule=cfg.eval_rule,
+                      tau=1.0)
         try:
             loss, parts = loss_fn(out.logits, out.labels, out.keep_prob, keep_mask=out.visual_keep,
-                                  teacher_logits=teacher_logits, sparsity_weight=w_s, target_ratio=cfg.target_ratio,
+                                  teacher_logits=teacher_logits, sparsity_weight=w_s, target_ratio=target,
                                   binarize_weight=0.0)
         except FloatingPointError as err:
             raise FloatingPointError(f"train_pruner: non-finite loss at adaptation step {i}; lower adapt_lr or "
