@@ -57,9 +57,11 @@ def test_cli_pruner(tmp_path, monkeypatch, teacher, capsys):
     monkeypatch.setattr("vtp.train.load_or_train_teacher", lambda mode=None: (model, proc, {}))
     monkeypatch.setattr("vtp.train.PRUNER_PRESETS", {"smoke": _cfg(steps=4, eval_every=0), "full": _cfg()})
     out = tmp_path / "r.json"
-    main(["pruner", "--mode", "smoke", "--ratio", "0.5", "--out", str(out)])
+    ckpt = tmp_path / "run.pt"
+    main(["pruner", "--mode", "smoke", "--ratio", "0.5", "--out", str(out), "--checkpoint", str(ckpt)])
     summary = json.loads(out.read_text())
     assert summary["ratio"] == 0.5 and summary["visual_tokens"] == 8.0 and 0 <= summary["test_accuracy"] <= 1
+    assert torch.load(ckpt, weights_only=False)["done"] == 4 + 20  # phase 1 + the smoke recipe's phase 2
 
 
 def test_vision_lr_trains_vision_tower_and_projector(teacher):
@@ -133,6 +135,36 @@ def test_phase_2_cycles_through_several_budgets(teacher):
         pruner_config("smoke", adapt_ratios=(0.25, 1.5))
     with pytest.raises(ValueError, match="adapt_ratios"):
         pruner_config("smoke", adapt_ratios=(0.25,), eval_rule="threshold")
+
+
+class _Interrupted(Exception):
+    pass
+
+
+@pytest.mark.parametrize("stop_at", [6, 18])  # a validation in phase 1, one in phase 2
+def test_an_interrupted_run_resumes_from_its_checkpoint_to_the_same_result(teacher, tmp_path, stop_at):
+    model, proc = teacher
+    cfg = _cfg(adapt_steps=12, adapt_pruner=True)  # 12 + 12 steps, validations at 6, 12 (+ sample), 18, 24
+    ref, h_ref = train_pruner(model, proc, cfg)
+    ckpt = tmp_path / "run.pt"
+
+    def crash(step, history):
+        if step == stop_at:
+            raise _Interrupted
+
+    with pytest.raises(_Interrupted):
+        train_pruner(model, proc, cfg, callback=crash, checkpoint=ckpt, checkpoint_every=4)
+    assert torch.load(ckpt, weights_only=False)["done"] == stop_at - 2  # the last save before the crash
+    resumed, h = train_pruner(model, proc, cfg, checkpoint=ckpt, checkpoint_every=4)
+    assert all(torch.equal(v, resumed.state_dict()[k]) for k, v in ref.state_dict().items())
+    drop_time = lambda hist: {k: v for k, v in hist.items() if k != "train_time_s"}
+    assert drop_time(h) == drop_time(h_ref)
+    again, _ = train_pruner(model, proc, cfg, checkpoint=ckpt)  # finished: the result, without training
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in ref.state_dict().items())
+    with pytest.raises(ValueError, match="another config"):
+        train_pruner(model, proc, _cfg(adapt_steps=12, seed=1), checkpoint=ckpt)
+    with pytest.raises(ValueError, match="checkpoint_every"):
+        train_pruner(model, proc, cfg, checkpoint=ckpt, checkpoint_every=0)
 
 
 def test_phase_2_from_a_given_student(teacher):

@@ -1,4 +1,5 @@
-r"""Training loops and checkpoints. For now: the teacher (the unpruned small LLaVA on easy-VQA).
+r"""Training loops and checkpoints: the teacher (the unpruned small LLaVA on easy-VQA) and the pruner
+(:func:`train_pruner`, lesson 07's recipe in :func:`pruner_recipe`; resumable from a checkpoint file).
 
 Teacher objective: cross-entropy on the answer token only,
 :math:`\mathcal{L} = -\frac{1}{B}\sum_b \log p_\theta(a_b \mid \text{image}_b, \text{question}_b)`.
@@ -493,7 +494,8 @@ def _sparsity_inputs(out, cfg: PrunerConfig, attention_mask):
 
 
 def train_pruner(teacher, processor: VQAProcessor, cfg: PrunerConfig | str | None = None, device=None,
-                 val_data=None, callback=None, student: PrunedVLM | None = None):
+                 val_data=None, callback=None, student: PrunedVLM | None = None, checkpoint=None,
+                 checkpoint_every: int = 100):
     """Train a :class:`vtp.GumbelVisionPruner` (and fine-tune the language model) against a frozen teacher.
 
     Returns ``(student PrunedVLM in eval mode, history)``. ``history`` is a dict of lists logged every
@@ -510,6 +512,11 @@ def train_pruner(teacher, processor: VQAProcessor, cfg: PrunerConfig | str | Non
     it goes through phase 2 only (``cfg.adapt_steps`` > 0) at ``cfg.target_ratio``, with a fresh optimizer
     warmed up over ``warmup_steps``, after validating it at step 0 (``phase`` "gumbel", both rules); ``student``
     itself is left unchanged. One phase-1 model can so serve several ratios.
+
+    ``checkpoint`` (a file path) makes the run resumable: every ``checkpoint_every`` steps (both phases
+    counted) and at the end it saves the student, optimizer, schedule, controller, history, random-number
+    states and the step; if the file exists when the run starts, the run continues from it (same ``cfg``
+    required) and ends as the uninterrupted run would have. A finished run's checkpoint returns its result.
     """
     cfg = pruner_config(cfg) if cfg is None or isinstance(cfg, str) else cfg
     if student is not None and not cfg.adapt_steps:
@@ -544,6 +551,36 @@ def train_pruner(teacher, processor: VQAProcessor, cfg: PrunerConfig | str | Non
     history = {k: [] for k in keys}
     history.update(val=[], device=device_name(device), config=dataclasses.asdict(cfg))
     batches = _batches_forever(data, processor, cfg, gen)
+    if not (isinstance(checkpoint_every, int) and checkpoint_every >= 1):
+        raise ValueError(f"checkpoint_every must be an int >= 1, got {checkpoint_every!r}")
+    total = phase1 + cfg.adapt_steps
+    done, elapsed = 0, 0.0
+    if checkpoint is not None and Path(checkpoint).exists():
+        state = torch.load(checkpoint, map_location=device, weights_only=False)
+        if state["config"] != dataclasses.asdict(cfg):
+            raise ValueError(f"checkpoint {checkpoint} was written by a run with another config; delete it or "
+                             f"pass that config")
+        done, elapsed, history = state["done"], state["elapsed"], state["history"]
+        vlm.load_state_dict(state["vlm"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        if controller is not None:
+            controller.multiplier = state["multiplier"]
+        for _ in range(done):  # the same batches as the uninterrupted run (shuffling and augmentation)
+            next(batches)
+        torch.set_rng_state(state["rng"])
+        if state["cuda_rng"] is not None:
+            torch.cuda.set_rng_state(state["cuda_rng"], device)
+
+    def save(step_done):
+        if checkpoint is None or (step_done % checkpoint_every and step_done != total):
+            return
+        torch.save(dict(done=step_done, elapsed=elapsed + time.perf_counter() - start, history=history,
+                        vlm=vlm.state_dict(), opt=opt.state_dict(), sched=sched.state_dict(),
+                        multiplier=controller.multiplier if controller is not None else None,
+                        rng=torch.get_rng_state(),
+                        cuda_rng=torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                        config=dataclasses.asdict(cfg)), checkpoint)
 
     def validate(step, phase, rule=cfg.eval_rule):
         res = accuracy(vlm, val_data, processor, ratio=cfg.target_ratio if rule == "topk" else None,
@@ -555,7 +592,7 @@ def train_pruner(teacher, processor: VQAProcessor, cfg: PrunerConfig | str | Non
     vlm.train()
     vlm.llava.model.vision_tower.eval()
     start = time.perf_counter()
-    bar = progress(range(phase1), desc=f"pruner @ {cfg.target_ratio:g}", leave=False)
+    bar = progress(range(min(done, phase1), phase1), desc=f"pruner @ {cfg.target_ratio:g}", leave=False)
     for step in bar:
         batch = next(batches)
         tau = get_temperature(step, cfg.steps, cfg.max_temp, cfg.min_temp, cfg.temp_schedule)
@@ -604,29 +641,31 @@ def train_pruner(teacher, processor: VQAProcessor, cfg: PrunerConfig | str | Non
             bar.set_postfix(keep=f"{row['keep_ratio']:.3f}", acc=f"{row['train_acc']:.3f}")
         if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
             validate(step + 1, "gumbel")
-    if cfg.eval_every and cfg.adapt_steps:  # before phase 2 (and the training masks' law, for comparison)
+        save(step + 1)
+    if cfg.eval_every and cfg.adapt_steps and done <= phase1:  # before phase 2 (and the training masks' law)
         if not phase1:
             validate(0, "gumbel")
         torch.manual_seed(cfg.seed)
         validate(phase1, "gumbel", "sample")
     if cfg.adapt_steps:
         _adapt_to_rule(vlm, teacher_vlm, loss_fn, opt, batches, cfg, history, validate, start=phase1,
-                       warmup=0 if phase1 else cfg.warmup_steps)
+                       warmup=0 if phase1 else cfg.warmup_steps, first=max(0, done - phase1), save=save)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    history["train_time_s"] = time.perf_counter() - start
+    history["train_time_s"] = elapsed + time.perf_counter() - start
     return vlm.eval(), history
 
 
 def _adapt_to_rule(vlm, teacher_vlm, loss_fn, opt, batches, cfg: PrunerConfig, history, validate, start: int,
-                   warmup: int):
+                   warmup: int, first: int = 0, save=None):
     r"""Phase 2 of :func:`train_pruner` (``cfg.adapt_steps`` > 0): the vision side and (unless
     ``cfg.adapt_pruner``) the pruner frozen, the language model trained on the deployment masks
     (``cfg.eval_rule`` at ``cfg.target_ratio``, or cycling through ``cfg.adapt_ratios``, applied as
     ``cfg.apply``) with CE + distillation. It reuses
     phase 1's optimizer (warm Adam moments; a fresh one gets a linear ``warmup``); learning rates ``adapt_lr``
-    (default ``lm_lr``) and ``pruner_lr`` on a cosine to ``min_lr_ratio``. Steps are numbered from ``start``.
-    Logs ``history["adapt"]``."""
+    (default ``lm_lr``) and ``pruner_lr`` on a cosine to ``min_lr_ratio``. Steps are numbered from ``start``;
+    a resumed run begins at step ``first`` of the phase. Logs ``history["adapt"]``; ``save(steps done)`` after
+    each step."""
     for p in _vision_parameters(vlm.llava):
         p.requires_grad_(False)
     pruner, train_pruner_too = vlm.pruner, cfg.adapt_pruner and cfg.eval_rule == "topk"
@@ -635,9 +674,9 @@ def _adapt_to_rule(vlm, teacher_vlm, loss_fn, opt, batches, cfg: PrunerConfig, h
     bases = [cfg.pruner_lr, cfg.lm_lr if cfg.adapt_lr is None else cfg.adapt_lr] + [0.0] * (len(opt.param_groups) - 2)
     w_s = cfg.sparsity_weight if train_pruner_too else 0.0
     keys = ("step", "lr", "ce", "distill", "sparsity", "total", "keep_ratio", "keep_prob", "train_acc")
-    log = history["adapt"] = {k: [] for k in keys}
+    log = history["adapt"] = history["adapt"] if first else {k: [] for k in keys}
     budgets = cfg.adapt_ratios or (cfg.target_ratio,)
-    bar = progress(range(cfg.adapt_steps), desc=f"adapt @ {'/'.join(f'{r:g}' for r in budgets)}", leave=False)
+    bar = progress(range(first, cfg.adapt_steps), desc=f"adapt @ {'/'.join(f'{r:g}' for r in budgets)}", leave=False)
     for i in bar:
         target = budgets[i % len(budgets)]
         f = cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * i / cfg.adapt_steps))
@@ -675,6 +714,8 @@ def _adapt_to_rule(vlm, teacher_vlm, loss_fn, opt, batches, cfg: PrunerConfig, h
             validate(start + i + 1, "adapt")  # accuracy() restores train mode afterwards:
             pruner.train(train_pruner_too)
             vlm.llava.model.vision_tower.eval()
+        if save is not None:
+            save(start + i + 1)
     pruner.sampler = sampler
 
 
@@ -682,9 +723,10 @@ def main(argv=None):
     """Command line, outside the notebooks:
 
     * ``vtp-train teacher [--mode smoke|full] [--out DIR]``: train and save a teacher, print test accuracy;
-    * ``vtp-train pruner [--mode smoke|full] [--ratio R] [--seed S] [--out FILE]``: load (or train) the
-      teacher, train a pruner at keep ratio R (lesson 07's recipe, :func:`pruner_recipe`), print test accuracy with real removal
-      (top-k at R) and the final training keep ratio, as JSON (also written to FILE).
+    * ``vtp-train pruner [--mode smoke|full] [--ratio R] [--seed S] [--out FILE] [--checkpoint FILE]``: load
+      (or train) the teacher, train a pruner at keep ratio R (lesson 07's recipe, :func:`pruner_recipe`;
+      resumable from ``--checkpoint``), print test accuracy with real removal (top-k at R) and the final
+      training keep ratio, as JSON (also written to FILE).
 
     ``--config JSON`` overrides fields of the preset recipe (:class:`TrainConfig` or :class:`PrunerConfig`),
     e.g. ``--config '{"batch_size": 512, "augment": {"hflip": 0.5, "max_shift": 4}}'``.
@@ -696,6 +738,8 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None)
     p.add_argument("--config", type=json.loads, default={}, help="JSON object of recipe fields to override")
+    p.add_argument("--checkpoint", default=None, help="pruner: file the run saves itself to (every 100 steps) "
+                                                      "and resumes from when it exists")
     args = p.parse_args(argv)
     if not isinstance(args.config, dict):
         p.error(f"--config must be a JSON object, got {args.config!r}")
@@ -711,7 +755,7 @@ def main(argv=None):
         return
     teacher, processor, _ = load_or_train_teacher(args.mode)
     cfg = pruner_recipe(check_ratio(args.ratio, "--ratio"), args.seed, args.mode, **args.config)
-    student, history = train_pruner(teacher, processor, cfg)
+    student, history = train_pruner(teacher, processor, cfg, checkpoint=args.checkpoint)
     res = accuracy(student, load_split("test"), processor, ratio=cfg.target_ratio)
     summary = {"ratio": cfg.target_ratio, "seed": cfg.seed, "test_accuracy": res.accuracy, "per_type": res.per_type,
                "visual_tokens": res.visual_tokens, "final_training_keep_ratio": history["keep_ratio"][-1],
