@@ -516,7 +516,8 @@ def train_pruner(teacher, processor: VQAProcessor, cfg: PrunerConfig | str | Non
     ``checkpoint`` (a file path) makes the run resumable: every ``checkpoint_every`` steps (both phases
     counted) and at the end it saves the student, optimizer, schedule, controller, history, random-number
     states and the step; if the file exists when the run starts, the run continues from it (same ``cfg``
-    required) and ends as the uninterrupted run would have. A finished run's checkpoint returns its result.
+    required) and ends as the uninterrupted run would have (bit for bit on the CPU; a GPU's nondeterministic
+    kernels make two uninterrupted runs differ too). A finished run's checkpoint returns its result.
     """
     cfg = pruner_config(cfg) if cfg is None or isinstance(cfg, str) else cfg
     if student is not None and not cfg.adapt_steps:
