@@ -177,6 +177,19 @@ def test_pruned_prefill_equals_reference_removal(tiny, removal, stack):
     torch.testing.assert_close(logits, model.lm_head(ref[:, -1]), rtol=1e-5, atol=1e-5)
 
 
+def test_ulp_sensitivity_is_the_references_change_under_one_ulp_of_input_noise(tiny):
+    from vtp.benchmark import _ulp_sensitivity
+    config, model, _ = tiny
+    embeds = _embeds(2, 48, config.hidden_size, seed=5)
+    index = torch.arange(0, 48, 2).expand(2, -1)
+    with torch.no_grad():
+        s = _ulp_sensitivity(model, embeds, index)
+        assert s == _ulp_sensitivity(model, embeds, index)  # seeded
+        assert s != _ulp_sensitivity(model, embeds, index, seed=1)
+    # this tiny random-weight model is dominated by its residual stream: its output moves as much as its input
+    assert 0.5 * 2 ** -8 < s < 2 * 2 ** -8
+
+
 def test_full_prefill_and_cached_step_equal_hf_forward(tiny):
     config, model, _ = tiny
     embeds = _embeds(2, 12, config.hidden_size, seed=7)

@@ -225,9 +225,20 @@ def _decode(run: PrunedPrefill, cfg, device) -> dict:
     return dict(batch=B, cache_len=run.seq_len, kv_cache_mb=mb, step_ms=t, tokens_per_s=1e3 * B / t)
 
 
+def _ulp_sensitivity(model, embeds, kept_index, seed: int = 0) -> float:
+    """Relative change of the reference removal's output when every input value moves by one bf16 unit in the
+    last place (2^-8 of it, random sign): how far two equally valid roundings of the same computation drift
+    apart in this model. The yardstick for the compiled layers, whose fused kernels round differently."""
+    g = torch.Generator(embeds.device).manual_seed(seed)
+    sign = torch.randint(0, 2, embeds.shape, generator=g, device=embeds.device) * 2 - 1
+    nudged = (embeds.float() * (1 + sign * 2.0 ** -8)).to(embeds.dtype)
+    return _rel_err(reference_removal(model, nudged, kept_index), reference_removal(model, embeds, kept_index))
+
+
 def _verify(model, pruner, embeds, cfg, layers=None, tag="") -> dict:
     """Before timing (keep 0.25): graphed (with ``layers``, if given) vs eager pruned prefill, for both
-    removals, and vs the reference; keys ``{tag}{removal}_graph_vs_eager`` and ``..._vs_reference``."""
+    removals, and vs the reference; keys ``{tag}{removal}_graph_vs_eager`` and ``..._vs_reference``; without
+    a tag also ``reference_ulp_sensitivity`` (:func:`_ulp_sensitivity`)."""
     args = (model, pruner, embeds, cfg.n_visual, cfg.text_before, 0.25)
     h_eager = PrunedPrefill(*args, graphs=False)()[0].clone()
     out = {}
@@ -240,6 +251,8 @@ def _verify(model, pruner, embeds, cfg, layers=None, tag="") -> dict:
         ref = reference_removal(model, embeds, graphed.select_and_remove().index)
         out[f"{tag}{removal}_graph_vs_eager"] = _rel_err(h, h_eager)
         out[f"{tag}{removal}_graph_vs_reference"] = _rel_err(h, ref)
+        if not tag and removal == "static":
+            out["reference_ulp_sensitivity"] = _ulp_sensitivity(model, embeds, graphed.select_and_remove().index)
         del graphed
     return out
 
