@@ -305,6 +305,23 @@ def test_compiled_graphs_equal_reference_on_cuda():
             torch.testing.assert_close(hidden, ref, rtol=1e-4, atol=1e-4)
 
 
+def test_question_aware_selection_reads_the_mean_of_the_text_tokens(tiny):
+    config, model, _ = tiny
+    torch.manual_seed(3)
+    pruner = GumbelVisionPruner(config.hidden_size, rule="topk", text_dim=config.hidden_size).eval()
+    torch.nn.init.normal_(pruner.text_proj.weight)  # starts at zero: make the question matter
+    embeds = _embeds(2, 48, config.hidden_size, seed=17)
+    before, n_vis = 3, 40
+    run = PrunedPrefill(model, pruner, embeds, n_visual=n_vis, text_before=before, ratio=0.25, removal="static")
+    text = torch.cat([embeds[:, :before], embeds[:, before + n_vis:]], 1).mean(1)
+    with torch.no_grad():
+        expected = pruner(embeds[:, before:before + n_vis], text=text).keep_prob
+        blind = pruner(embeds[:, before:before + n_vis], text=torch.zeros_like(text)).keep_prob
+        got = run._keep_prob()
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(got, blind, atol=1e-3)
+
+
 @pytest.mark.parametrize("removal, compiled", [("library", False), ("static", False), ("static", True)])
 def test_pruned_prefill_is_freed_without_the_garbage_collector(tiny, removal, compiled):
     """No reference cycle: ``del`` frees a PrunedPrefill (its graphs and KV cache) at once. The benchmark builds

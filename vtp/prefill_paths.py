@@ -225,10 +225,12 @@ class PrunedPrefill:
         self._ones = torch.ones(B, self.seq_len, dtype=torch.long, device=embeds.device)
         self._lengths = torch.full((B,), self.seq_len, dtype=torch.long, device=embeds.device)
         self._tiebreak = n_visual - 1 - torch.arange(n_visual, device=embeds.device)  # earlier token first
-        self._text_parts = None if getattr(pruner, "text_dim", None) is None else (embeds[:, :text_before], embeds[:, self.vis.stop:])
         # the pruner scores the projector's output, a contiguous [B, N, d] tensor in a VLM; a strided slice of the
-        # merged sequence would make every scoring pay a copy of all visual tokens (measured: 42 us at batch 8)
+        # merged sequence would make every scoring pay a copy of all visual tokens (measured: 42 us at batch 8).
+        # Likewise a question-aware pruner averages one contiguous copy of the text tokens (one reduction kernel)
         self._visual = embeds[:, self.vis].contiguous()
+        self._text_tokens = None if getattr(pruner, "text_dim", None) is None else torch.cat(
+            [embeds[:, :text_before], embeds[:, self.vis.stop:]], dim=1)
         self.graphs = graphs and embeds.is_cuda
         # the compiled selection is stored unbound (called with self): a bound method kept on self would make
         # a reference cycle, and only the garbage collector would then free this object's graphs and KV cache
@@ -276,10 +278,7 @@ class PrunedPrefill:
         """The pruner's keep probabilities [B, n_visual] via :meth:`GumbelVisionPruner.score` (``forward`` also
         re-checks its validity mask on the host, a read-back that a CUDA graph cannot contain). A question-aware
         pruner gets the mean of the text tokens' embeddings, as :meth:`vtp.PrunedVLM.question_embedding`."""
-        text = None
-        if self._text_parts is not None:
-            before, after = self._text_parts
-            text = (before.sum(1) + after.sum(1)) / (before.shape[1] + after.shape[1])
+        text = None if self._text_tokens is None else self._text_tokens.mean(1)
         return keep_probability(self.pruner.score(self._visual, text))
 
     def _keep_mask(self) -> torch.Tensor:
