@@ -554,34 +554,14 @@ def train_pruner(teacher, processor: VQAProcessor, cfg: PrunerConfig | str | Non
     batches = _batches_forever(data, processor, cfg, gen)
     if not (isinstance(checkpoint_every, int) and checkpoint_every >= 1):
         raise ValueError(f"checkpoint_every must be an int >= 1, got {checkpoint_every!r}")
-    total = phase1 + cfg.adapt_steps
-    done, elapsed = 0, 0.0
+    run = dict(vlm=vlm, opt=opt, sched=sched, controller=controller)
+    total, done, elapsed = phase1 + cfg.adapt_steps, 0, 0.0
     if checkpoint is not None and Path(checkpoint).exists():
-        state = torch.load(checkpoint, map_location=device, weights_only=False)
-        if state["config"] != dataclasses.asdict(cfg):
-            raise ValueError(f"checkpoint {checkpoint} was written by a run with another config; delete it or "
-                             f"pass that config")
-        done, elapsed, history = state["done"], state["elapsed"], state["history"]
-        vlm.load_state_dict(state["vlm"])
-        opt.load_state_dict(state["opt"])
-        sched.load_state_dict(state["sched"])
-        if controller is not None:
-            controller.multiplier = state["multiplier"]
-        for _ in range(done):  # the same batches as the uninterrupted run (shuffling and augmentation)
-            next(batches)
-        torch.set_rng_state(state["rng"])
-        if state["cuda_rng"] is not None:
-            torch.cuda.set_rng_state(state["cuda_rng"], device)
+        done, elapsed, history = _resume(checkpoint, cfg, device, batches, **run)
 
     def save(step_done):
-        if checkpoint is None or (step_done % checkpoint_every and step_done != total):
-            return
-        torch.save(dict(done=step_done, elapsed=elapsed + time.perf_counter() - start, history=history,
-                        vlm=vlm.state_dict(), opt=opt.state_dict(), sched=sched.state_dict(),
-                        multiplier=controller.multiplier if controller is not None else None,
-                        rng=torch.get_rng_state(),
-                        cuda_rng=torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                        config=dataclasses.asdict(cfg)), checkpoint)
+        if checkpoint is not None and (step_done % checkpoint_every == 0 or step_done == total):
+            _save_run(checkpoint, cfg, device, step_done, elapsed + time.perf_counter() - start, history, **run)
 
     def validate(step, phase, rule=cfg.eval_rule):
         res = accuracy(vlm, val_data, processor, ratio=cfg.target_ratio if rule == "topk" else None,
@@ -655,6 +635,35 @@ def train_pruner(teacher, processor: VQAProcessor, cfg: PrunerConfig | str | Non
         torch.cuda.synchronize(device)
     history["train_time_s"] = elapsed + time.perf_counter() - start
     return vlm.eval(), history
+
+
+def _save_run(path, cfg: PrunerConfig, device, done: int, elapsed: float, history, vlm, opt, sched, controller):
+    """Everything :func:`train_pruner` needs to continue after ``done`` steps, in one file."""
+    torch.save(dict(done=done, elapsed=elapsed, history=history, vlm=vlm.state_dict(), opt=opt.state_dict(),
+                    sched=sched.state_dict(), multiplier=controller.multiplier if controller is not None else None,
+                    rng=torch.get_rng_state(),
+                    cuda_rng=torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                    config=dataclasses.asdict(cfg)), path)
+
+
+def _resume(path, cfg: PrunerConfig, device, batches, vlm, opt, sched, controller):
+    """Load a :func:`_save_run` file into the run's objects, replay the batches it had drawn (shuffling and
+    augmentation then continue as in the uninterrupted run), restore the random-number states; returns
+    ``(done, elapsed, history)``."""
+    state = torch.load(path, map_location=device, weights_only=False)
+    if state["config"] != dataclasses.asdict(cfg):
+        raise ValueError(f"checkpoint {path} was written by a run with another config; delete it or pass that config")
+    vlm.load_state_dict(state["vlm"])
+    opt.load_state_dict(state["opt"])
+    sched.load_state_dict(state["sched"])
+    if controller is not None:
+        controller.multiplier = state["multiplier"]
+    for _ in range(state["done"]):
+        next(batches)
+    torch.set_rng_state(state["rng"])
+    if state["cuda_rng"] is not None:
+        torch.cuda.set_rng_state(state["cuda_rng"], device)
+    return state["done"], state["elapsed"], state["history"]
 
 
 def _adapt_to_rule(vlm, teacher_vlm, loss_fn, opt, batches, cfg: PrunerConfig, history, validate, start: int,
