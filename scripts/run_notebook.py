@@ -45,8 +45,9 @@ def run(path: Path, timeout: int = 1800) -> float:
     elapsed = time.perf_counter() - start
     nb.metadata.pop("widgets", None)
     nbformat.write(nb, path)
-    if _missing_figures(nb):
-        raise RuntimeError(f"{path}: cells {_missing_figures(nb)} call plt.show() but have no figure output")
+    missing = _missing_figures(nb)
+    if missing:
+        raise RuntimeError(f"{path}: cells {missing} call plt.show() but have no figure output")
     return elapsed
 
 

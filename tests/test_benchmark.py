@@ -186,6 +186,7 @@ def test_ulp_sensitivity_is_the_references_change_under_one_ulp_of_input_noise(t
         s = _ulp_sensitivity(model, embeds, index)
         assert s == _ulp_sensitivity(model, embeds, index)  # seeded
         assert s != _ulp_sensitivity(model, embeds, index, seed=1)
+        assert s == _ulp_sensitivity(model, embeds, index, reference_removal(model, embeds, index))  # ref given
     # this tiny random-weight model is dominated by its residual stream: its output moves as much as its input
     assert 0.5 * 2 ** -8 < s < 2 * 2 ** -8
 

@@ -225,14 +225,16 @@ def _decode(run: PrunedPrefill, cfg, device) -> dict:
     return dict(batch=B, cache_len=run.seq_len, kv_cache_mb=mb, step_ms=t, tokens_per_s=1e3 * B / t)
 
 
-def _ulp_sensitivity(model, embeds, kept_index, seed: int = 0) -> float:
-    """Relative change of the reference removal's output when every input value moves by one bf16 unit in the
-    last place (2^-8 of it, random sign): how far two equally valid roundings of the same computation drift
-    apart in this model. The yardstick for the compiled layers, whose fused kernels round differently."""
+def _ulp_sensitivity(model, embeds, kept_index, ref=None, seed: int = 0) -> float:
+    """Relative change of the reference removal's output (``ref``, computed if not given) when every input
+    value moves by one bf16 unit in the last place (2^-8 of it, random sign): how far two equally valid
+    roundings of the same computation drift apart in this model. The yardstick for the compiled layers, whose
+    fused kernels round differently."""
     g = torch.Generator(embeds.device).manual_seed(seed)
     sign = torch.randint(0, 2, embeds.shape, generator=g, device=embeds.device) * 2 - 1
     nudged = (embeds.float() * (1 + sign * 2.0 ** -8)).to(embeds.dtype)
-    return _rel_err(reference_removal(model, nudged, kept_index), reference_removal(model, embeds, kept_index))
+    ref = reference_removal(model, embeds, kept_index) if ref is None else ref
+    return _rel_err(reference_removal(model, nudged, kept_index), ref)
 
 
 def _verify(model, pruner, embeds, cfg, layers=None, tag="") -> dict:
@@ -248,11 +250,12 @@ def _verify(model, pruner, embeds, cfg, layers=None, tag="") -> dict:
         h = graphed()[0].clone()
         if not bool(torch.isfinite(h).all()):
             raise RuntimeError(f"graphed prefill ({tag}{removal} removal) left non-finite outputs")
-        ref = reference_removal(model, embeds, graphed.select_and_remove().index)
+        index = graphed.select_and_remove().index
+        ref = reference_removal(model, embeds, index)
         out[f"{tag}{removal}_graph_vs_eager"] = _rel_err(h, h_eager)
         out[f"{tag}{removal}_graph_vs_reference"] = _rel_err(h, ref)
         if not tag and removal == "static":
-            out["reference_ulp_sensitivity"] = _ulp_sensitivity(model, embeds, graphed.select_and_remove().index)
+            out["reference_ulp_sensitivity"] = _ulp_sensitivity(model, embeds, index, ref)
         del graphed
     return out
 

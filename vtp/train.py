@@ -522,6 +522,8 @@ def train_pruner(teacher, processor: VQAProcessor, cfg: PrunerConfig | str | Non
     cfg = pruner_config(cfg) if cfg is None or isinstance(cfg, str) else cfg
     if student is not None and not cfg.adapt_steps:
         raise ValueError("student is given, so only phase 2 runs: cfg.adapt_steps must be > 0, got 0")
+    if not (isinstance(checkpoint_every, int) and checkpoint_every >= 1):
+        raise ValueError(f"checkpoint_every must be an int >= 1, got {checkpoint_every!r}")
     device = torch.device(device) if device is not None else next(teacher.parameters()).device
     torch.manual_seed(cfg.seed)
     teacher = teacher.to(device).eval()
@@ -552,8 +554,6 @@ def train_pruner(teacher, processor: VQAProcessor, cfg: PrunerConfig | str | Non
     history = {k: [] for k in keys}
     history.update(val=[], device=device_name(device), config=dataclasses.asdict(cfg))
     batches = _batches_forever(data, processor, cfg, gen)
-    if not (isinstance(checkpoint_every, int) and checkpoint_every >= 1):
-        raise ValueError(f"checkpoint_every must be an int >= 1, got {checkpoint_every!r}")
     run = dict(vlm=vlm, opt=opt, sched=sched, controller=controller)
     total, done, elapsed = phase1 + cfg.adapt_steps, 0, 0.0
     if checkpoint is not None and Path(checkpoint).exists():
