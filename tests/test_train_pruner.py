@@ -62,6 +62,12 @@ def test_cli_pruner(tmp_path, monkeypatch, teacher, capsys):
     summary = json.loads(out.read_text())
     assert summary["ratio"] == 0.5 and summary["visual_tokens"] == 8.0 and 0 <= summary["test_accuracy"] <= 1
     assert torch.load(ckpt, weights_only=False)["done"] == 4 + 20  # phase 1 + the smoke recipe's phase 2
+    main(["pruner", "--mode", "smoke", "--ratio", "0.25", "--budgets", "0.25", "0.5", "--out", str(out)])
+    summary = json.loads(out.read_text())
+    assert list(summary["test_accuracy_by_budget"]) == ["0.2500", "0.5000"]
+    assert summary["test_accuracy_by_budget"]["0.2500"] == summary["test_accuracy"]
+    with pytest.raises(ValueError, match="--budgets"):
+        main(["pruner", "--mode", "smoke", "--budgets", "0.25", "1.5"])
 
 
 def test_vision_lr_trains_vision_tower_and_projector(teacher):
@@ -122,6 +128,9 @@ def test_recipe():
     assert [pruner_recipe(r, mode="full").adapt_steps for r in (2 / 64, 4 / 64, 7 / 64, 0.24)] == [350, 350, 700, 700]
     assert pruner_recipe(0.5, mode="smoke").adapt_steps == 20
     assert pruner_recipe(0.5, mode="full", adapt_steps=0).adapt_steps == 0  # overrides last
+    mixed = pruner_recipe(4 / 64, 0, "full", adapt_ratios=(2 / 64, 0.5))
+    assert (mixed.steps, mixed.adapt_steps, mixed.adapt_ratios) == (500, 1000, (2 / 64, 0.5))
+    assert pruner_recipe(4 / 64, 0, "smoke", adapt_ratios=(0.5,)).adapt_steps == 20
     with pytest.raises(ValueError, match="ratio"):
         pruner_recipe(1.5, mode="smoke")
 
