@@ -8,6 +8,7 @@ import torch
 
 from vtp.data import build_processor
 from vtp.diagnose import diagnose
+from vtp.evaluate import EvalResult
 from vtp.train import main, pruner_config, pruner_recipe, train_pruner
 from vtp.vlm import PrunedVLM, build_llava
 
@@ -129,7 +130,7 @@ def test_recipe():
     assert pruner_recipe(0.5, mode="smoke").adapt_steps == 20
     assert pruner_recipe(0.5, mode="full", adapt_steps=0).adapt_steps == 0  # overrides last
     mixed = pruner_recipe(4 / 64, 0, "full", adapt_ratios=(2 / 64, 0.5))
-    assert (mixed.steps, mixed.adapt_steps, mixed.adapt_ratios) == (500, 1000, (2 / 64, 0.5))
+    assert (mixed.steps, mixed.adapt_steps, mixed.eval_every, mixed.adapt_ratios) == (500, 800, 100, (2 / 64, 0.5))
     assert pruner_recipe(4 / 64, 0, "smoke", adapt_ratios=(0.5,)).adapt_steps == 20
     with pytest.raises(ValueError, match="ratio"):
         pruner_recipe(1.5, mode="smoke")
@@ -138,7 +139,7 @@ def test_recipe():
 def test_phase_2_cycles_through_several_budgets(teacher):
     model, proc = teacher  # 16 visual tokens: 0.25 keeps 4, 0.5 keeps 8
     _, h = train_pruner(model, proc, _cfg(adapt_steps=4, adapt_pruner=True, adapt_ratios=[0.25, 0.5], log_every=1))
-    assert h["adapt"]["keep_ratio"] == [0.25, 0.5, 0.25, 0.5]
+    assert h["adapt"]["keep_ratio"] == [0.25, 0.5, 0.5, 0.25]  # block b rotated by b
     assert h["config"]["adapt_ratios"] == (0.25, 0.5) and h["val"][-1]["phase"] == "adapt"
     with pytest.raises(ValueError, match="adapt_ratios"):
         pruner_config("smoke", adapt_ratios=(0.25, 1.5))
@@ -190,3 +191,24 @@ def test_phase_2_from_a_given_student(teacher):
     assert moved("pruner.") and moved("llava.model.language_model.") and not moved("llava.model.vision_tower.")
     with pytest.raises(ValueError, match="adapt_steps"):
         train_pruner(model, proc, _cfg(), student=base)
+
+
+def test_phase_2_ends_in_its_best_validated_state(teacher, monkeypatch):
+    model, proc = teacher
+    scripted = {6: 0.6, 8: 0.9, 10: 0.7}  # phase 2's validations (steps 6, 8, 10); phase 1's score 0.5
+    seen = []  # (step, accuracy, state) per validation
+
+    def fake_accuracy(vlm, data, processor, **kw):
+        step = [2, 4, 4, 6, 8, 10][len(seen)]  # phase 1: 2, 4, 4 (rule sample); phase 2: 6, 8, 10
+        acc = scripted.get(step, 0.5) if len(seen) >= 3 else 0.5
+        seen.append((step, acc, {k: v.clone() for k, v in vlm.state_dict().items()}))
+        return EvalResult(acc, {}, 1, 1.0, 0.25, torch.zeros(1))
+
+    monkeypatch.setattr("vtp.train.accuracy", fake_accuracy)
+    student, h = train_pruner(model, proc, _cfg(steps=4, eval_every=2, adapt_steps=6, adapt_pruner=True),
+                              val_data=object())
+    assert [v["step"] for v in h["val"]] == [2, 4, 4, 6, 8, 10]
+    assert h["adapt_best"] == {"step": 8, "accuracy": 0.9}
+    best_state = seen[4][2]
+    assert all(torch.equal(v, best_state[k]) for k, v in student.state_dict().items())
+    assert any(not torch.equal(v, seen[5][2][k]) for k, v in student.state_dict().items())  # not the last state
