@@ -11,6 +11,7 @@ from vtp.attention import remove_tokens
 from vtp.benchmark import (BenchConfig, DecoderStack, KVCache, PrunedPrefill, build_lm, check_goals,
                            kept_tokens, kv_cache_bytes, lm_config, main, prefill, prefill_flops,
                            reference_removal, run_benchmark, run_layers, speedup_bound, time_ms)
+from vtp.prefill_paths import _linear_as_sum
 from vtp.pruner import topk_keep_mask
 
 SHAPE = dict(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
@@ -321,6 +322,25 @@ def test_question_aware_selection_reads_the_mean_of_the_text_tokens(tiny):
         got = run._keep_prob()
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
     assert not torch.allclose(got, blind, atol=1e-3)
+
+
+def test_compiled_keep_prob_computes_the_last_linear_as_a_product_and_sum(tiny):
+    """Under torch.compile the selection computes the pruner's last Linear(inner, 2) as a product and a sum
+    (fused with the ReLU on the GPU): the Linear's logits up to float rounding, tight enough to see the drop
+    and keep rows swapped; compiled (on the CPU here), the keep probabilities are the eager ones."""
+    config, model, _ = tiny
+    torch.manual_seed(5)
+    pruner = GumbelVisionPruner(config.hidden_size, rule="topk", text_dim=config.hidden_size, keep_bias=0.5).eval()
+    torch.nn.init.normal_(pruner.text_proj.weight)
+    run = PrunedPrefill(model, pruner, _embeds(2, 48, config.hidden_size, seed=19), n_visual=40, text_before=3,
+                        ratio=0.25, removal="static")
+    head = pruner.scorer[2]
+    with torch.no_grad():
+        h = pruner.hidden(run._visual, run._text_tokens.mean(1))
+        torch.testing.assert_close(_linear_as_sum(h, head.weight, head.bias), head(h), rtol=1e-6, atol=1e-6)
+        assert not torch.allclose(_linear_as_sum(h, head.weight.flip(0), head.bias), head(h), rtol=1e-6, atol=1e-6)
+        eager, compiled = run._keep_prob(), torch.compile(type(run)._keep_prob, dynamic=False)(run)
+    torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("removal, compiled", [("library", False), ("static", False), ("static", True)])

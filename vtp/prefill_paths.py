@@ -188,6 +188,11 @@ def prefill(model, embeds, position_ids, cache: KVCache | None = None, layers: D
 REMOVALS = ("library", "static")
 
 
+def _linear_as_sum(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` for a few outputs, as a product and a sum over the input features."""
+    return (x.unsqueeze(-2) * weight).sum(-1) + bias
+
+
 class PrunedPrefill:
     """Prefill of one batch, full or pruned, in eager mode or as CUDA graphs (``graphs=True``, CUDA only).
 
@@ -279,7 +284,13 @@ class PrunedPrefill:
         re-checks its validity mask on the host, a read-back that a CUDA graph cannot contain). A question-aware
         pruner gets the mean of the text tokens' embeddings, as :meth:`vtp.PrunedVLM.question_embedding`."""
         text = None if self._text_tokens is None else self._text_tokens.mean(1)
-        return keep_probability(self.pruner.score(self._visual, text))
+        if not torch.compiler.is_compiling():
+            return keep_probability(self.pruner.score(self._visual, text))
+        # Compiled: the last Linear(inner, 2) as a product and a sum, which the compiler fuses with the ReLU into
+        # one reduction kernel; as a GEMM with 2 outputs it ran as a poorly used tensor-core kernel (H100, batch 1,
+        # in a CUDA graph: the selection took 67.2 -> 57.6 us). Same math; bf16 rounds it differently.
+        head = self.pruner.scorer[2]
+        return keep_probability(_linear_as_sum(self.pruner.hidden(self._visual, text), head.weight, head.bias))
 
     def _keep_mask(self) -> torch.Tensor:
         """Keep mask [B, L]: text always kept, visual tokens by the pruner's eval-mode top-k rule
