@@ -683,7 +683,7 @@ def _resume(path, cfg: PrunerConfig, device, batches, vlm, opt, sched, controlle
 
 
 def _adapt_to_rule(vlm, teacher_vlm, loss_fn, opt, batches, cfg: PrunerConfig, history, validate, start: int,
-                   warmup: int, first: int = 0, save=None, best=None):
+                   warmup: int, best: dict, first: int = 0, save=None):
     r"""Phase 2 of :func:`train_pruner` (``cfg.adapt_steps`` > 0): the vision side and (unless
     ``cfg.adapt_pruner``) the pruner frozen, the language model trained on the deployment masks
     (``cfg.eval_rule`` at ``cfg.target_ratio``, or cycling through ``cfg.adapt_ratios``, applied as
@@ -693,7 +693,6 @@ def _adapt_to_rule(vlm, teacher_vlm, loss_fn, opt, batches, cfg: PrunerConfig, h
     a resumed run begins at step ``first`` of the phase. Logs ``history["adapt"]``; ``save(steps done)`` after
     each step. ``best`` (a dict: step, accuracy, state) tracks the best validation; the phase ends in that
     state, recorded in ``history["adapt_best"]``."""
-    best = dict(step=None, accuracy=-1.0, state=None) if best is None else best
     for p in _vision_parameters(vlm.llava):
         p.requires_grad_(False)
     pruner, train_pruner_too = vlm.pruner, cfg.adapt_pruner and cfg.eval_rule == "topk"
