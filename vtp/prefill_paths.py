@@ -289,8 +289,10 @@ class PrunedPrefill:
         # Compiled: the last Linear(inner, 2) as a product and a sum, which the compiler fuses with the ReLU into
         # one reduction kernel; as a GEMM with 2 outputs it ran as a poorly used tensor-core kernel (H100, batch 1,
         # in a CUDA graph: the selection took 67.2 -> 57.6 us). Same math; bf16 rounds it differently.
-        head = self.pruner.scorer[2]
-        return keep_probability(_linear_as_sum(self.pruner.hidden(self._visual, text), head.weight, head.bias))
+        pr, first, head = self.pruner, self.pruner.scorer[0], self.pruner.scorer[2]
+        bias = first.bias if text is None else first.bias + pr.text_proj(pr.text_norm(text))
+        h = F.relu(F.linear(pr.norm(self._visual), first.weight) + bias.unsqueeze(-2))
+        return keep_probability(_linear_as_sum(h, head.weight, head.bias))
 
     def _keep_mask(self) -> torch.Tensor:
         """Keep mask [B, L]: text always kept, visual tokens by the pruner's eval-mode top-k rule
