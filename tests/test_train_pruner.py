@@ -130,7 +130,7 @@ def test_recipe():
     assert pruner_recipe(0.5, mode="smoke").adapt_steps == 20
     assert pruner_recipe(0.5, mode="full", adapt_steps=0).adapt_steps == 0  # overrides last
     mixed = pruner_recipe(4 / 64, 0, "full", adapt_ratios=(2 / 64, 0.5))
-    assert (mixed.steps, mixed.adapt_steps, mixed.eval_every, mixed.adapt_ratios) == (500, 800, 100, (2 / 64, 0.5))
+    assert (mixed.steps, mixed.adapt_steps, mixed.eval_every, mixed.adapt_ratios) == (500, 1200, 100, (2 / 64, 0.5))
     assert pruner_recipe(4 / 64, 0, "smoke", adapt_ratios=(0.5,)).adapt_steps == 20
     with pytest.raises(ValueError, match="ratio"):
         pruner_recipe(1.5, mode="smoke")

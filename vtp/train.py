@@ -460,7 +460,7 @@ def pruner_recipe(ratio: float, seed: int = 0, mode: str | None = None, **overri
         if ratio >= 0.25:
             recipe.update(steps=300, adapt_steps=150, controller_lr=0.3, binarize_weight=0.0, eval_every=150)
         if overrides.get("adapt_ratios"):
-            recipe.update(adapt_steps=800, eval_every=100)
+            recipe.update(adapt_steps=1200, eval_every=100)
     return pruner_config(mode, **{**recipe, **overrides})
 
 
