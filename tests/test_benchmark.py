@@ -324,19 +324,23 @@ def test_question_aware_selection_reads_the_mean_of_the_text_tokens(tiny):
     assert not torch.allclose(got, blind, atol=1e-3)
 
 
-def test_compiled_keep_prob_computes_the_last_linear_as_a_product_and_sum(tiny):
+@pytest.mark.parametrize("question_aware", [True, False])
+def test_compiled_keep_prob_computes_the_last_linear_as_a_product_and_sum(tiny, question_aware):
     """Under torch.compile the selection computes the pruner's last Linear(inner, 2) as a product and a sum
-    (fused with the ReLU on the GPU): the Linear's logits up to float rounding, tight enough to see the drop
-    and keep rows swapped; compiled (on the CPU here), the keep probabilities are the eager ones."""
+    (fused with the ReLU on the GPU), and adds the first Linear's bias with the question term: the Linear's
+    logits up to float rounding, tight enough to see the drop and keep rows swapped; compiled (on the CPU
+    here), the keep probabilities are the eager ones, with and without the question."""
     config, model, _ = tiny
     torch.manual_seed(5)
-    pruner = GumbelVisionPruner(config.hidden_size, rule="topk", text_dim=config.hidden_size, keep_bias=0.5).eval()
-    torch.nn.init.normal_(pruner.text_proj.weight)
+    pruner = GumbelVisionPruner(config.hidden_size, rule="topk", keep_bias=0.5,
+                                text_dim=config.hidden_size if question_aware else None).eval()
+    if question_aware:
+        torch.nn.init.normal_(pruner.text_proj.weight)
     run = PrunedPrefill(model, pruner, _embeds(2, 48, config.hidden_size, seed=19), n_visual=40, text_before=3,
                         ratio=0.25, removal="static")
     head = pruner.scorer[2]
     with torch.no_grad():
-        h = pruner.hidden(run._visual, run._text_tokens.mean(1))
+        h = pruner.hidden(run._visual, run._text_tokens.mean(1) if question_aware else None)
         torch.testing.assert_close(_linear_as_sum(h, head.weight, head.bias), head(h), rtol=1e-6, atol=1e-6)
         assert not torch.allclose(_linear_as_sum(h, head.weight.flip(0), head.bias), head(h), rtol=1e-6, atol=1e-6)
         eager, compiled = run._keep_prob(), torch.compile(type(run)._keep_prob, dynamic=False)(run)
