@@ -164,26 +164,18 @@ def test_input_norm_makes_scores_scale_invariant():
     assert not torch.allclose(raw(x).keep_prob, raw(2000 * x).keep_prob, atol=1e-2)
 
 
-def test_hidden_then_the_last_linear_is_score():
-    """``score`` = last Linear of ``hidden`` (the post-ReLU activations), bit for bit, with and without a question;
-    ``hidden`` checks its inputs as ``score`` does."""
+def test_score_is_the_scorer_on_the_normed_tokens_plus_the_question_term():
+    """``score`` = W2 ReLU(W1 LN(v) + U LN(q) + b1) + b2 (no U term when question-blind), bit for bit; it checks
+    its inputs."""
     torch.manual_seed(0)
     tokens, text = torch.randn(2, 7, 16), torch.randn(2, 8)
     blind, aware = GumbelVisionPruner(16), GumbelVisionPruner(16, text_dim=8, keep_bias=1.0)
     torch.nn.init.normal_(aware.text_proj.weight)
-    for p, q in ((blind, None), (aware, text)):
-        h = p.hidden(tokens, q)
-        assert h.shape == (2, 7, 4) and (h >= 0).all() and (h == 0).any()  # after the ReLU
-        assert torch.equal(p.scorer[2](h), p.score(tokens, q))
-    # the score as written before hidden() existed
     assert torch.equal(blind.score(tokens), blind.scorer(blind.norm(tokens)))
     pre = aware.scorer[0](aware.norm(tokens)) + aware.text_proj(aware.text_norm(text)).unsqueeze(1)
     assert torch.equal(aware.score(tokens, text), aware.scorer[2](aware.scorer[1](pre)))
     for bad in (None, torch.randn(2, 7), torch.randn(3, 8)):
-        with pytest.raises(ValueError, match="text must have shape") as from_score:
+        with pytest.raises(ValueError, match="text must have shape"):
             aware.score(tokens, bad)
-        with pytest.raises(ValueError, match="text must have shape") as from_hidden:
-            aware.hidden(tokens, bad)
-        assert str(from_hidden.value) == str(from_score.value)
     with pytest.raises(ValueError, match="tokens must have shape"):
-        blind.hidden(torch.randn(2, 7, 15))
+        blind.score(torch.randn(2, 7, 15))

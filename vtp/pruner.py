@@ -188,14 +188,9 @@ class GumbelVisionPruner(nn.Module):
             self.text_proj = nn.Linear(text_dim, inner, bias=False)
             nn.init.zeros_(self.text_proj.weight)
 
-    def hidden(self, tokens: torch.Tensor, text: torch.Tensor | None = None) -> torch.Tensor:
-        """The scorer's hidden activations ``[B, N, d // reduction]``, after its ReLU, of ``tokens`` [B, N, d]
-        (given ``text`` [B, text_dim] when the pruner is question-aware):
-
-            h = ReLU(W1 LN(v) + U LN(q) + b1)
-
-        for each visual token v and the sample's pooled question q (no ``U LN(q)`` term when question-blind;
-        LN is the identity with ``norm=False``). :meth:`score` applies the last Linear to it."""
+    def score(self, tokens: torch.Tensor, text: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits ``[B, N, 2]`` = ``[drop, keep]`` of ``tokens`` [B, N, d] (given ``text`` [B, text_dim] when
+        the pruner is question-aware)."""
         if tokens.dim() != 3 or tokens.shape[-1] != self.hidden_dim:
             raise ValueError(
                 f"tokens must have shape (batch, tokens, {self.hidden_dim}), got {tuple(tokens.shape)}"
@@ -207,12 +202,7 @@ class GumbelVisionPruner(nn.Module):
                 raise ValueError(f"text must have shape ({tokens.shape[0]}, {self.text_dim}) (batch, text_dim) for "
                                  f"a question-aware pruner, got {got}")
             h = h + self.text_proj(self.text_norm(text)).unsqueeze(1)
-        return self.scorer[1](h)
-
-    def score(self, tokens: torch.Tensor, text: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits ``[B, N, 2]`` = ``[drop, keep]`` = ``W2 h + b2`` of ``tokens`` [B, N, d], with h the
-        :meth:`hidden` activations (given ``text`` [B, text_dim] when the pruner is question-aware)."""
-        return self.scorer[2](self.hidden(tokens, text))
+        return self.scorer[2](self.scorer[1](h))
 
     def forward(self, tokens: torch.Tensor, valid_mask: torch.Tensor | None = None, tau: float | None = None,
                 ratio: float | None = None, rule: str | None = None, text: torch.Tensor | None = None) -> PrunerOutput:
