@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "TAU_MIN",
     "check_tau",
     "sample_keep_mask",
     "keep_probability",
@@ -36,17 +37,23 @@ __all__ = [
 ]
 
 
+TAU_MIN = 1e-6
+"""Smallest temperature accepted. Below it nothing changes in the hard sample (the argmax), the
+straight-through gradient peaks at :math:`1/(4\tau) > 2.5\cdot10^5`, and as :math:`\tau` approaches
+:math:`10^{-38}` the quotient :math:`(l + g)/\tau` leaves the float32 range and the mask turns NaN."""
+
+
 def check_tau(tau, name: str = "tau") -> float:
-    """Return ``tau`` as a float, or raise ``ValueError`` unless it is a finite number > 0."""
+    """Return ``tau`` as a float, or raise ``ValueError`` unless it is a finite number >= :data:`TAU_MIN`."""
     if isinstance(tau, torch.Tensor):
         if tau.numel() != 1:
             raise ValueError(f"{name} must be a scalar, got a tensor of shape {tuple(tau.shape)}")
         tau = tau.item()
     if isinstance(tau, bool) or not isinstance(tau, Real):
-        raise ValueError(f"{name} must be a finite number > 0, got {tau!r}")
+        raise ValueError(f"{name} must be a finite number >= {TAU_MIN:g}, got {tau!r}")
     tau = float(tau)
-    if not math.isfinite(tau) or tau <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {tau}")
+    if not math.isfinite(tau) or tau < TAU_MIN:
+        raise ValueError(f"{name} must be a finite number >= {TAU_MIN:g}, got {tau}")
     return tau
 
 

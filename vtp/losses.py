@@ -84,6 +84,17 @@ def visual_keep_ratio(keep: torch.Tensor, visual_mask: torch.Tensor | None = Non
     return (keep.float() * vm).sum(-1) / n
 
 
+def _check_keep(keep: torch.Tensor, name: str, batch: int) -> None:
+    """``TypeError`` unless ``keep`` is a floating-point tensor; ``ValueError`` unless its shape is
+    (``batch``, tokens)."""
+    if not isinstance(keep, torch.Tensor) or not keep.is_floating_point():
+        got = keep.dtype if isinstance(keep, torch.Tensor) else type(keep).__name__
+        raise TypeError(f"{name} must be a floating-point tensor (batch, visual tokens), got {got}")
+    if keep.dim() != 2 or keep.shape[0] != batch:
+        raise ValueError(f"{name} must have shape ({batch}, visual tokens) (the batch of logits), "
+                         f"got {tuple(keep.shape)}")
+
+
 class PruningLoss(nn.Module):
     """Task CE + KL distillation + visual-only sparsity (+ optional binarization).
 
@@ -120,9 +131,16 @@ class PruningLoss(nn.Module):
                 binarize_weight: float | None = None):
         """Return ``(total, components)``; components are floats: ce, distill, sparsity, binarize,
         keep_ratio (measured on the hard mask if given, else on probabilities), keep_prob, total.
-        ``sparsity_weight`` / ``target_ratio`` / ``binarize_weight`` override the constructor's (schedules)."""
-        if keep_mask is not None and keep_mask.shape != keep_prob.shape:
-            raise ValueError(f"keep_mask must have keep_prob's shape {tuple(keep_prob.shape)}, got {tuple(keep_mask.shape)}")
+        ``sparsity_weight`` / ``target_ratio`` / ``binarize_weight`` override the constructor's (schedules).
+
+        Shapes and dtypes are checked before any work: ``keep_prob`` [B, N] floating point, with the batch ``B``
+        of ``logits``. Its values must lie in [0, 1]: checked with the components, in the one read-back to the
+        host this call makes anyway (``ValueError``; a non-finite total raises ``FloatingPointError``)."""
+        _check_keep(keep_prob, "keep_prob", logits.shape[0])
+        if keep_mask is not None:
+            _check_keep(keep_mask, "keep_mask", logits.shape[0])
+            if keep_mask.shape != keep_prob.shape:
+                raise ValueError(f"keep_mask must have keep_prob's shape {tuple(keep_prob.shape)}, got {tuple(keep_mask.shape)}")
         target = self.target_ratio if target_ratio is None else check_ratio(target_ratio, "target_ratio")
         w_s = self.sparsity_weight if sparsity_weight is None else float(sparsity_weight)
         ce = answer_ce(logits, labels, self.shift_labels)
@@ -148,7 +166,12 @@ class PruningLoss(nn.Module):
         measured = visual_keep_ratio(keep_mask if keep_mask is not None else keep_prob, visual_mask).mean()
         parts = dict(ce=ce, distill=distill, sparsity=sparsity, binarize=binarize, keep_ratio=measured,
                      keep_prob=visual_keep_ratio(keep_prob, visual_mask).mean(), total=total)
-        parts = {k: float(v.detach()) for k, v in parts.items()}
+        lo, hi = torch.aminmax(p.detach())
+        # one read-back for every component and the range check
+        values = torch.stack([v.detach().float().reshape(()) for v in (*parts.values(), lo, hi)]).tolist()
+        parts, (lo, hi) = dict(zip(parts, values[:-2])), values[-2:]
+        if lo < 0 or hi > 1:
+            raise ValueError(f"keep_prob must be probabilities in [0, 1], got values in [{lo:g}, {hi:g}]")
         if not math.isfinite(parts["total"]):
             raise FloatingPointError(f"PruningLoss is not finite: {parts}")
         return total, parts
@@ -167,8 +190,10 @@ class DualAscentController:
         self.target_ratio = check_ratio(target_ratio, "target_ratio")
         if not (lr > 0 and math.isfinite(lr)):
             raise ValueError(f"lr must be a finite number > 0, got {lr}")
-        if not (max_multiplier > 0):
-            raise ValueError(f"max_multiplier must be > 0, got {max_multiplier}")
+        if not (max_multiplier > 0 and math.isfinite(max_multiplier)):
+            raise ValueError(f"max_multiplier must be a finite number > 0, got {max_multiplier}")
+        if not math.isfinite(init):
+            raise ValueError(f"init must be a finite number, got {init}")
         self.lr, self.max_multiplier, self.multiplier = float(lr), float(max_multiplier), float(init)
 
     def penalty(self, keep_ratio: torch.Tensor) -> torch.Tensor:
@@ -176,7 +201,10 @@ class DualAscentController:
         return self.multiplier * (keep_ratio.mean() - self.target_ratio)
 
     def update(self, keep_ratio) -> float:
-        """One dual-ascent step from the measured keep ratio; returns the new multiplier."""
+        """One dual-ascent step from the measured keep ratio; returns the new multiplier. A non-finite keep ratio
+        raises ``ValueError`` (it would make the multiplier NaN for good)."""
         g = float(keep_ratio.mean() if isinstance(keep_ratio, torch.Tensor) else keep_ratio) - self.target_ratio
+        if not math.isfinite(g):
+            raise ValueError(f"keep_ratio must be a finite number, got {g + self.target_ratio}")
         self.multiplier = min(max(self.multiplier + self.lr * g, -self.max_multiplier), self.max_multiplier)
         return self.multiplier

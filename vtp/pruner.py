@@ -20,6 +20,12 @@ at step 0 the scorer is the question-blind seed design.
   most probable of the :math:`N` valid tokens; ``rule="sample"`` draws each token's keep from Bernoulli(:math:`p`),
   the law of the training masks (stochastic: a diagnosis, not a deployment rule). At least ``min_keep`` tokens
   survive per sample.
+
+**Non-finite input.** Checking values would cost a host-device synchronisation per call, so the pruner checks
+shapes and dtypes only. A NaN token has a NaN keep probability: in eval mode it ranks after every other token
+(top-k keeps it only when :math:`k` exceeds the sample's non-NaN tokens; the threshold rule never keeps it on its
+own), so masks stay 0/1; in train mode its mask entry is NaN, and :class:`vtp.PruningLoss`, which reads its
+components back anyway, raises ``FloatingPointError``.
 """
 from __future__ import annotations
 
@@ -70,8 +76,12 @@ def _valid(scores: torch.Tensor, valid_mask: torch.Tensor | None) -> torch.Tenso
 
 
 def _rank(scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Rank of each token by descending score within its sample (0 = best); invalid tokens rank last."""
-    order = scores.float().masked_fill(~valid, float("-inf")).argsort(dim=-1, descending=True, stable=True)
+    """Rank of each token by descending score within its sample (0 = best), ties by position. NaN scores rank
+    after every number (a NaN token is kept only when the budget exceeds the sample's non-NaN tokens), invalid
+    tokens after those: two stable sorts, by score, then by validity."""
+    s = scores.float()
+    order = s.masked_fill(torch.isnan(s), float("-inf")).argsort(dim=-1, descending=True, stable=True)
+    order = order.gather(-1, (~valid).gather(-1, order).to(torch.int8).argsort(dim=-1, stable=True))
     rank = torch.empty_like(order)
     rank.scatter_(-1, order, torch.arange(scores.shape[-1], device=scores.device).expand_as(order))
     return rank
@@ -190,19 +200,34 @@ class GumbelVisionPruner(nn.Module):
 
     def score(self, tokens: torch.Tensor, text: torch.Tensor | None = None) -> torch.Tensor:
         """Logits ``[B, N, 2]`` = ``[drop, keep]`` of ``tokens`` [B, N, d] (given ``text`` [B, text_dim] when
-        the pruner is question-aware)."""
+        the pruner is question-aware). Floating-point inputs of another dtype (float16, bfloat16, float64) are
+        cast to the pruner's; integer tokens, non-tensors, and ``text`` for a question-blind pruner raise."""
+        tokens = self._check_input(tokens, "tokens")
         if tokens.dim() != 3 or tokens.shape[-1] != self.hidden_dim:
             raise ValueError(
                 f"tokens must have shape (batch, tokens, {self.hidden_dim}), got {tuple(tokens.shape)}"
             )
+        if self.text_dim is None and text is not None:
+            raise ValueError("text is read only by a question-aware pruner (text_dim set); this pruner is "
+                             "question-blind (text_dim=None): pass text=None")
         h = self.scorer[0](self.norm(tokens))
         if self.text_dim is not None:
+            text = None if text is None else self._check_input(text, "text")
             if text is None or tuple(text.shape) != (tokens.shape[0], self.text_dim):
                 got = None if text is None else tuple(text.shape)
                 raise ValueError(f"text must have shape ({tokens.shape[0]}, {self.text_dim}) (batch, text_dim) for "
                                  f"a question-aware pruner, got {got}")
             h = h + self.text_proj(self.text_norm(text)).unsqueeze(1)
         return self.scorer[2](self.scorer[1](h))
+
+    def _check_input(self, x, name: str) -> torch.Tensor:
+        """``x`` as a tensor of the pruner's dtype; ``TypeError`` unless a floating-point tensor (a dtype
+        check, no read of the values)."""
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a floating-point torch.Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor (float32, float16, bfloat16, ...), got {x.dtype}")
+        return x.to(self.scorer[0].weight.dtype)
 
     def forward(self, tokens: torch.Tensor, valid_mask: torch.Tensor | None = None, tau: float | None = None,
                 ratio: float | None = None, rule: str | None = None, text: torch.Tensor | None = None) -> PrunerOutput:

@@ -204,7 +204,7 @@ def train_importance_pruner(direction: torch.Tensor, target_ratio: float = 0.25,
     loss_fn = PruningLoss(target_ratio, distill_weight=0.0, sparsity_weight=0.0 if dual_lr else sparsity_weight,
                           sparsity=sparsity, binarize_weight=binarize_weight, shift_labels=False)
     controller = DualAscentController(target_ratio, lr=dual_lr) if dual_lr else None
-    const_logits, const_labels = torch.zeros(1, 1, 2), torch.zeros(1, 1, dtype=torch.long)
+    const_logits, const_labels = torch.zeros(batch, 1, 2), torch.zeros(batch, 1, dtype=torch.long)  # CE = log 2
     visual = torch.cat([torch.ones(batch, tokens), torch.zeros(batch, text_tokens)], 1).bool()
     ratios = []
     for step in range(steps):
