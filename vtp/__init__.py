@@ -9,6 +9,8 @@ from .evaluate import accuracy
 from .train import (PrunerConfig, TrainConfig, load_or_train_teacher, pruner_config, pruner_recipe, train_pruner,
                     train_teacher)
 from .diagnose import diagnose
+from .pretrained import load_pretrained_teacher
+from .sweep import run_jobs, train_and_test
 
 __version__ = "0.1.0"
 
@@ -37,4 +39,7 @@ __all__ = [
     "pruner_recipe",  # lesson 07's recipe for one keep ratio (phase 1 + adaptation to top-k)
     "train_pruner",  # train a Gumbel pruner + student against a frozen teacher
     "diagnose",  # flag the symptoms of the usual pruning mistakes in a training history
+    "load_pretrained_teacher",  # the shipped GPU-trained easy-VQA teacher, checksum verified
+    "run_jobs",  # run independent jobs concurrently, one process each on a GPU machine
+    "train_and_test",  # train one pruner from the teacher and test it with real removal
 ]

@@ -37,6 +37,7 @@ from .evaluate import accuracy, autocast
 import torch.nn.functional as F
 from .runtime import default_device, device_name, progress, run_mode
 from .vlm import PrunedVLM, build_llava, count_parameters, vlm_config
+from .pretrained import PRETRAINED_DIR, file_sha256, load_pretrained_teacher
 
 __all__ = ["TrainConfig", "TEACHER_PRESETS", "teacher_config", "lr_factor", "lr_lambda", "train_teacher", "save_teacher",
            "load_teacher", "load_or_train_teacher", "teacher_dir", "REPO_ROOT", "PrunerConfig", "PRUNER_PRESETS",
@@ -53,6 +54,53 @@ def _check_schedule(cfg) -> None:
             raise ValueError(f"{name} must be a positive int, got {getattr(cfg, name)!r}")
     if not (0 <= cfg.warmup_steps < cfg.steps):
         raise ValueError(f"warmup_steps must be in [0, steps={cfg.steps}), got {cfg.warmup_steps}")
+
+
+def _check_number(cfg, name: str, low: float = 0.0, high: float = math.inf, open_low: bool = False) -> None:
+    """``ValueError`` unless field ``name`` is a finite number in [low, high] ((low, high] if ``open_low``)."""
+    v = getattr(cfg, name)
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    if not (ok and (v > low if open_low else v >= low) and v <= high):
+        interval = f"{'(' if open_low else '['}{low:g}, {high:g}]"
+        raise ValueError(f"{name} must be a finite number in {interval}, got {v!r}")
+
+
+def _check_int(cfg, name: str, low: int = 0, optional: bool = False) -> None:
+    """``ValueError`` unless field ``name`` is an int >= ``low`` (or None when ``optional``)."""
+    v = getattr(cfg, name)
+    if not ((optional and v is None) or (isinstance(v, int) and not isinstance(v, bool) and v >= low)):
+        raise ValueError(f"{name} must be an int >= {low}{' or None' if optional else ''}, got {v!r}")
+
+
+def _check_choice(cfg, name: str, allowed) -> None:
+    if getattr(cfg, name) not in allowed:
+        raise ValueError(f"{name} must be one of {tuple(allowed)}, got {getattr(cfg, name)!r}")
+
+
+def _check_flags(cfg, *names: str) -> None:
+    for name in names:
+        if not isinstance(getattr(cfg, name), bool):
+            raise ValueError(f"{name} must be True or False, got {getattr(cfg, name)!r}")
+
+
+def _check_common(cfg) -> None:
+    """The fields both recipes share: schedule, optimiser, augmentation, evaluation and logging."""
+    from .data import augment_images
+
+    _check_schedule(cfg)
+    _check_number(cfg, "min_lr_ratio", 0.0, 1.0)
+    _check_number(cfg, "weight_decay")
+    _check_number(cfg, "grad_clip", open_low=True)
+    if not isinstance(cfg.augment, dict):
+        raise ValueError(f"augment must be a dict of vtp.data.augment_images arguments, got {cfg.augment!r}")
+    try:  # one 8x8 image: the function checks its own arguments
+        augment_images(torch.zeros(1, 3, 8, 8, dtype=torch.uint8), torch.Generator().manual_seed(0), **cfg.augment)
+    except TypeError as e:
+        raise ValueError(f"augment: {e}") from None
+    _check_int(cfg, "train_questions", 1, optional=True)
+    for name, low in (("eval_every", 0), ("eval_questions", 1), ("log_every", 1), ("seed", 0)):
+        _check_int(cfg, name, low)
+    _check_flags(cfg, "bf16")
 
 
 @dataclass
@@ -82,7 +130,18 @@ class TrainConfig:
     compile: bool = False  # torch.compile the loss on CUDA (optional; the presets run eager)
 
     def __post_init__(self):
-        _check_schedule(self)
+        from .vlm import PRESETS as VLM_PRESETS, VLMConfig
+
+        if not isinstance(self.model, VLMConfig) and self.model not in VLM_PRESETS:
+            raise ValueError(f"model must be one of {tuple(VLM_PRESETS)} or a vtp.vlm.VLMConfig, got {self.model!r}")
+        if not isinstance(self.model_overrides, dict):
+            raise ValueError(f"model_overrides must be a dict of VLMConfig fields, got {self.model_overrides!r}")
+        try:
+            vlm_config(self.model, **self.model_overrides)
+        except TypeError as e:
+            raise ValueError(f"model_overrides: {e}") from None
+        _check_common(self)
+        _check_flags(self, "compile")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
         if not isinstance(self.questions_per_image, int) or not (1 <= self.questions_per_image <= self.batch_size) \
@@ -271,15 +330,20 @@ def load_teacher(directory, device=None):
     model.config._attn_implementation = "sdpa"
     info_path = directory / "train_info.json"
     info = json.loads(info_path.read_text()) if info_path.exists() else {}
+    info["sha256"] = file_sha256(directory / "model.safetensors")  # the weights' identity, for results files
     return model, VQAProcessor.from_pretrained(directory), info
 
 
 def load_or_train_teacher(mode: str | None = None, device=None, retrain: bool = False):
-    """The teacher of ``mode``: loaded from :func:`teacher_dir` if saved there, else trained now (recipe
-    :func:`teacher_config`) and saved there. Returns ``(llava, processor, info)``."""
+    """The teacher of ``mode``: loaded from :func:`teacher_dir` if saved there (your own run), else, in full
+    mode, the teacher shipped in ``pretrained/`` (:func:`vtp.pretrained.load_pretrained_teacher`, checksum
+    verified), else trained now (recipe :func:`teacher_config`) and saved there. Returns
+    ``(llava, processor, info)``; ``info["sha256"]`` identifies the weights."""
     mode = mode or run_mode()
     if not retrain and (teacher_dir(mode) / "config.json").exists():
         return load_teacher(teacher_dir(mode), device)
+    if not retrain and mode == "full" and (PRETRAINED_DIR / "MANIFEST.json").exists():
+        return load_pretrained_teacher(device)
     model, processor, history = train_teacher(teacher_config(mode), device)
     info = {k: history[k] for k in ("device", "train_time_s", "parameters", "config", "val")}
     # Save beside the target, then rename: a process that loads concurrently (notebooks run in parallel
@@ -288,6 +352,7 @@ def load_or_train_teacher(mode: str | None = None, device=None, retrain: bool = 
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     save_teacher(model, processor, tmp, info)
+    info["sha256"] = file_sha256(tmp / "model.safetensors")
     try:
         tmp.rename(target)
     except OSError:
@@ -300,9 +365,10 @@ def load_or_train_teacher(mode: str | None = None, device=None, retrain: bool = 
 # ----------------------------------------------------------------------------------------------------------
 import copy  # noqa: E402
 
-from .losses import DualAscentController, PruningLoss, visual_keep_ratio  # noqa: E402
-from .pruner import GumbelVisionPruner, check_ratio  # noqa: E402
-from .schedules import get_temperature, sparsity_weight_schedule, target_ratio_schedule  # noqa: E402
+from .gumbel import check_tau  # noqa: E402
+from .losses import SPARSITY_KINDS, SPARSITY_ON, DualAscentController, PruningLoss, visual_keep_ratio  # noqa: E402
+from .pruner import SAMPLERS, GumbelVisionPruner, check_ratio  # noqa: E402
+from .schedules import SCHEDULES, get_temperature, sparsity_weight_schedule, target_ratio_schedule  # noqa: E402
 from .vlm import PrunedVLM, answer_logits  # noqa: E402
 
 
@@ -399,7 +465,19 @@ class PrunerConfig:
     def __post_init__(self):
         check_ratio(self.target_ratio, "target_ratio")
         check_ratio(self.ratio_start, "ratio_start")
-        _check_schedule(self)
+        _check_common(self)
+        _check_choice(self, "temp_schedule", SCHEDULES)
+        get_temperature(0, self.steps, self.max_temp, self.min_temp, self.temp_schedule)  # checks both temperatures
+        check_tau(self.distill_temperature, "distill_temperature")
+        for name in ("distill_weight", "sparsity_weight", "binarize_weight", "controller_lr"):
+            _check_number(self, name)
+        for name in ("sparsity_warmup", "curriculum_frac"):
+            _check_number(self, name, 0.0, 1.0)
+        _check_number(self, "keep_bias", -math.inf)
+        _check_choice(self, "sparsity", SPARSITY_KINDS)
+        _check_choice(self, "sparsity_on", SPARSITY_ON)
+        _check_choice(self, "sampler", SAMPLERS)
+        _check_flags(self, "pruner_norm", "question_aware", "adapt_pruner")
         if self.apply not in ("policy", "zero"):
             raise ValueError(f"apply must be 'policy' or 'zero', got {self.apply!r}")
         if self.sparsity_scope not in ("visual", "all"):
