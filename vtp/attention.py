@@ -164,7 +164,9 @@ def remove_tokens(embeds: torch.Tensor, keep: torch.Tensor, position_ids: torch.
     ``keep`` [B, L] (bool or 0/1) covers the whole sequence (text positions should be 1). ``position_ids``
     default to ``0..L-1`` (or the cumulative sum of ``attention_mask`` minus 1 when one is given); kept
     tokens carry theirs over. Positions masked out by ``attention_mask`` are dropped too. Samples are
-    right-padded to the longest kept length.
+    right-padded to the longest kept length. Every sample must keep at least one position, otherwise
+    ``ValueError`` (checked in the same read-back that sizes the output; a pruner's ``min_keep`` guarantees it
+    for the visual part).
 
     Pass the returned ``attention_mask`` to the model together with the position ids: without a 2-D mask,
     transformers reads gaps in the position ids as boundaries of packed sequences.
@@ -187,7 +189,10 @@ def remove_tokens(embeds: torch.Tensor, keep: torch.Tensor, position_ids: torch.
     elif position_ids.shape != (B, L):
         raise ValueError(f"position_ids must have shape {(B, L)}, got {tuple(position_ids.shape)}")
     lengths = keep.sum(-1)
-    K = int(lengths.max())
+    shortest, K = torch.stack(torch.aminmax(lengths)).tolist()  # one read-back: the output's size and the check
+    if shortest == 0:
+        raise ValueError("keep: every sample must keep at least one position (of those attention_mask allows); "
+                         f"sample {int((lengths == 0).nonzero()[0, 0])} keeps none")
     # Stable sort puts kept positions first, in their original order.
     order = torch.argsort((~keep).to(torch.int8), dim=-1, stable=True)[:, :K]
     valid = torch.arange(K, device=embeds.device).unsqueeze(0) < lengths.unsqueeze(1)

@@ -50,6 +50,10 @@ def diagnose(history: dict, target_ratio: float | None = None, ratio_tol: float 
 
     ``target_ratio`` defaults to the last logged ``target``. Returns an empty list when nothing is flagged.
     """
+    if target_ratio is not None:
+        from .pruner import check_ratio
+
+        target_ratio = check_ratio(target_ratio, "target_ratio")
     if not isinstance(history, dict) or not history.get("keep_ratio"):
         raise ValueError("history must be a dict with a non-empty 'keep_ratio' list (see vtp.train.train_pruner)")
     for name, tol in (("ratio_tol", ratio_tol), ("acc_gap_tol", acc_gap_tol), ("saturation_tol", saturation_tol)):
