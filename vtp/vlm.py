@@ -58,6 +58,9 @@ PRESETS = {
                        text_layers=2, text_heads=2, text_kv_heads=2, mlp_ratio=2),
     # GPU: 64 visual tokens (8x8 patches).
     "full": VLMConfig(),
+    # GPU, scenes (vtp.scenes): 576 visual tokens (24x24 patches of 8 px at 192 px, as LLaVA-1.5); the CLIP
+    # tower keeps its [CLS] token internally (VisionZip-style scoring reads its attention).
+    "scenes": VLMConfig(image_size=192, patch_size=8, max_positions=1024),
 }
 
 
@@ -191,8 +194,10 @@ class PrunedVLM(nn.Module):
         w = text.unsqueeze(-1).to(embeds.dtype)
         return ((embeds * w).sum(1) / w.sum(1).clamp(min=1)).detach()
 
-    def _keep_mask(self, tokens, keep, scores, ratio, rule, tau, mode, text=None):
-        """Visual keep mask [B, N] from (in order of precedence) ``keep``, ``scores`` or the pruner."""
+    def _keep_mask(self, tokens, keep, scores, ratio, rule, tau, mode, text=None, prompt=None):
+        """Visual keep mask [B, N] from (in order of precedence) ``keep``, ``scores`` or the pruner. A pruner
+        with ``reads_prompt`` (e.g. :class:`vtp.controls.FrozenSelector`'s FastV-style selection) also gets
+        ``prompt()``: the sample's ``input_ids``, ``attention_mask``, ``labels`` and ``visual_tokens``."""
         B, N = tokens.shape[:2]
         for name, t in (("keep", keep), ("scores", scores)):
             if t is not None and tuple(t.shape) != (B, N):
@@ -207,6 +212,8 @@ class PrunedVLM(nn.Module):
         if self.pruner is None or mode == "none":
             return torch.ones(B, N, device=tokens.device), None, None
         kwargs = {} if getattr(self.pruner, "text_dim", None) is None else {"text": text()}
+        if getattr(self.pruner, "reads_prompt", False):
+            kwargs["prompt"] = prompt()
         out = self.pruner(tokens, tau=tau, ratio=ratio, rule=rule, **kwargs)
         return out.mask, out.keep_prob, out.logits
 
@@ -247,7 +254,8 @@ class PrunedVLM(nn.Module):
         embeds = self.llava.get_input_embeddings()(input_ids)
         vkeep, keep_prob, pruner_logits = self._keep_mask(
             tokens, keep, scores, ratio, rule, tau, mode,
-            text=lambda: self.question_embedding(embeds, visual_mask, attention_mask, labels))
+            text=lambda: self.question_embedding(embeds, visual_mask, attention_mask, labels),
+            prompt=lambda: dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels, visual_tokens=tokens))
         if mode == "zero":
             tokens = tokens * vkeep.unsqueeze(-1).to(tokens.dtype)
         embeds = embeds.masked_scatter(visual_mask.unsqueeze(-1), tokens.to(embeds.dtype))
