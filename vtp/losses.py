@@ -15,6 +15,12 @@ r"""``PruningLoss`` and the keep-ratio controller.
   ``sparsity="l1"`` uses :math:`\bar k_b` itself (push every token to drop).
 * Saturation: :math:`\partial(\bar p - \rho)^2/\partial l = 2(\bar p - \rho)\,p(1-p)/N`, which vanishes once
   keep probabilities saturate near 0 or 1.
+
+``form="seed"`` computes the distillation and sparsity terms as the seed document's ``PruningLoss`` does
+(lesson 08 trains that recipe): :math:`\frac1B \sum_{b,t,v} p^T_{b,t,v}(\log p^T_{b,t,v} - \log p^S_{b,t,v})`
+over EVERY position :math:`t` of the ``[B, L, V]`` logits (``F.kl_div(..., reduction="batchmean")`` divides by
+:math:`B` only; no temperature), and :math:`(\bar k - \rho)^2` with :math:`\bar k` the mean over all the
+visual tokens of the batch (one ratio per batch, not per sample).
 """
 from __future__ import annotations
 
@@ -27,10 +33,12 @@ from torch import nn
 from .gumbel import check_tau
 from .pruner import check_ratio
 
-__all__ = ["PruningLoss", "answer_ce", "distillation_kl", "visual_keep_ratio", "DualAscentController"]
+__all__ = ["PruningLoss", "answer_ce", "distillation_kl", "seed_distillation_kl", "visual_keep_ratio",
+           "DualAscentController"]
 
 SPARSITY_KINDS = ("ratio", "l1")
 SPARSITY_ON = ("prob", "mask")
+LOSS_FORMS = ("vtp", "seed")
 
 
 def _shift(logits: torch.Tensor, labels: torch.Tensor, shift: bool):
@@ -67,6 +75,18 @@ def distillation_kl(student_logits, teacher_logits, labels, temperature: float =
     log_s = F.log_softmax(s[sel].float() / T, dim=-1)
     log_t = F.log_softmax(t[sel].float().detach() / T, dim=-1)
     return F.kl_div(log_s, log_t, log_target=True, reduction="batchmean") * T * T
+
+
+def seed_distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    r"""The seed document's distillation: ``F.kl_div(log_softmax(student), softmax(teacher), reduction="batchmean")``
+    on the whole ``[B, L, V]`` logits, :math:`\frac1B \sum_{b,t,v} p^T_{b,t,v}(\log p^T_{b,t,v} - \log p^S_{b,t,v})`:
+    every position (image, question, padding and answer), summed, divided by the batch size; float32."""
+    if teacher_logits.shape != student_logits.shape or student_logits.dim() != 3:
+        raise ValueError(f"student and teacher logits must have one shape (batch, length, vocab), got "
+                         f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}")
+    log_s = F.log_softmax(student_logits.float(), dim=-1)
+    log_t = F.log_softmax(teacher_logits.float().detach(), dim=-1)
+    return F.kl_div(log_s, log_t, log_target=True, reduction="batchmean")
 
 
 def visual_keep_ratio(keep: torch.Tensor, visual_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -107,12 +127,17 @@ class PruningLoss(nn.Module):
         sparsity_on: ``"prob"`` (keep probabilities, seed) or ``"mask"`` (hard straight-through mask).
         binarize_weight: :math:`w_b` of the :math:`p(1-p)` term.
         shift_labels: labels follow transformers' causal-LM convention (shifted inside).
+        form: ``"vtp"`` (above) or ``"seed"``: the seed document's distillation over every position and its
+            batch-level keep ratio (module docstring); ``distill_temperature`` is then unused.
     """
 
     def __init__(self, target_ratio: float = 0.25, distill_weight: float = 1.0, sparsity_weight: float = 2.0,
                  distill_temperature: float = 1.0, sparsity: str = "ratio", sparsity_on: str = "prob",
-                 binarize_weight: float = 0.0, shift_labels: bool = True):
+                 binarize_weight: float = 0.0, shift_labels: bool = True, form: str = "vtp"):
         super().__init__()
+        if form not in LOSS_FORMS:
+            raise ValueError(f"form must be one of {LOSS_FORMS}, got {form!r}")
+        self.form = form
         if sparsity not in SPARSITY_KINDS:
             raise ValueError(f"sparsity must be one of {SPARSITY_KINDS}, got {sparsity!r}")
         if sparsity_on not in SPARSITY_ON:
@@ -147,7 +172,8 @@ class PruningLoss(nn.Module):
         total = ce
         distill = torch.zeros((), device=ce.device)
         if self.distill_weight > 0 and teacher_logits is not None:
-            distill = distillation_kl(logits, teacher_logits, labels, self.distill_temperature, self.shift_labels)
+            distill = (seed_distillation_kl(logits, teacher_logits) if self.form == "seed" else
+                       distillation_kl(logits, teacher_logits, labels, self.distill_temperature, self.shift_labels))
             total = total + self.distill_weight * distill
         if self.sparsity_on == "mask":
             if keep_mask is None:
@@ -156,6 +182,9 @@ class PruningLoss(nn.Module):
         else:
             kept = keep_prob
         ratio = visual_keep_ratio(kept, visual_mask)
+        if self.form == "seed":  # one ratio per batch: the mean over all its visual tokens
+            vm = torch.ones_like(kept, dtype=torch.float32) if visual_mask is None else visual_mask.float()
+            ratio = (kept.float() * vm).sum().reshape(1) / vm.sum()
         sparsity = ((ratio - target) ** 2).mean() if self.sparsity == "ratio" else ratio.mean()
         total = total + w_s * sparsity
         p = keep_prob.float()

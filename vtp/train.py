@@ -367,6 +367,7 @@ import copy  # noqa: E402
 
 from .gumbel import check_tau  # noqa: E402
 from .losses import SPARSITY_KINDS, SPARSITY_ON, DualAscentController, PruningLoss, visual_keep_ratio  # noqa: E402
+from .losses import LOSS_FORMS  # noqa: E402
 from .pruner import SAMPLERS, GumbelVisionPruner, check_ratio  # noqa: E402
 from .schedules import SCHEDULES, get_temperature, sparsity_weight_schedule, target_ratio_schedule  # noqa: E402
 from .vlm import PrunedVLM, answer_logits  # noqa: E402
@@ -417,7 +418,9 @@ class PrunerConfig:
 
     Variants: ``sampler`` (see :class:`vtp.GumbelVisionPruner`), ``apply`` = ``"policy"`` (attention masking)
     or ``"zero"`` (``tokens * mask``), ``sparsity_scope`` = ``"visual"`` or ``"all"`` (text tokens counted as
-    kept), ``distill_weight`` = 0 (no teacher), ``eval_rule`` = ``"topk"`` or ``"threshold"``.
+    kept), ``distill_weight`` = 0 (no teacher), ``eval_rule`` = ``"topk"`` or ``"threshold"``, ``loss_form`` =
+    ``"vtp"`` or ``"seed"`` (the seed document's distillation over every position and batch-level keep ratio,
+    :class:`vtp.PruningLoss`'s ``form``; lesson 08 trains the seed recipe).
     """
 
     target_ratio: float = 0.25
@@ -454,6 +457,7 @@ class PrunerConfig:
     sampler: str = "gumbel"
     apply: str = "policy"
     eval_rule: str = "topk"
+    loss_form: str = "vtp"
     augment: dict = field(default_factory=lambda: {"hflip": 0.5, "max_shift": 0})
     train_questions: int | None = 4000
     eval_every: int = 0
@@ -494,6 +498,8 @@ class PrunerConfig:
         self.adapt_ratios = tuple(check_ratio(r, "adapt_ratios") for r in self.adapt_ratios)
         if self.adapt_ratios and self.eval_rule != "topk":
             raise ValueError(f"adapt_ratios needs eval_rule='topk' (a budget per step), got {self.eval_rule!r}")
+        if self.loss_form not in LOSS_FORMS:
+            raise ValueError(f"loss_form must be one of {LOSS_FORMS}, got {self.loss_form!r}")
 
 
 PRUNER_PRESETS = {
@@ -626,7 +632,7 @@ def train_pruner(teacher, processor: VQAProcessor, cfg: PrunerConfig | str | Non
     vlm = (_student(teacher, cfg) if student is None else _continue(student, cfg)).to(device)
     phase1 = cfg.steps if student is None else 0
     loss_fn = PruningLoss(cfg.target_ratio, cfg.distill_weight, cfg.sparsity_weight, cfg.distill_temperature,
-                          cfg.sparsity, cfg.sparsity_on)
+                          cfg.sparsity, cfg.sparsity_on, form=cfg.loss_form)
     controller = DualAscentController(cfg.target_ratio, cfg.controller_lr) if cfg.controller_lr > 0 else None
     train = load_split("train")
     if cfg.train_questions is not None and cfg.train_questions < len(train):
