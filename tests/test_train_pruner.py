@@ -67,8 +67,9 @@ def test_cli_pruner(tmp_path, monkeypatch, teacher, capsys):
     summary = json.loads(out.read_text())
     assert list(summary["test_accuracy_by_budget"]) == ["0.2500", "0.5000"]
     assert summary["test_accuracy_by_budget"]["0.2500"] == summary["test_accuracy"]
-    with pytest.raises(ValueError, match="--budgets"):
+    with pytest.raises(SystemExit) as exit_info:  # an argparse error, before any work
         main(["pruner", "--mode", "smoke", "--budgets", "0.25", "1.5"])
+    assert exit_info.value.code == 2 and "--budgets" in capsys.readouterr().err
 
 
 def test_vision_lr_trains_vision_tower_and_projector(teacher):

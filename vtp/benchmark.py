@@ -423,45 +423,93 @@ def check_goals(res: dict) -> list[dict]:
     return goals
 
 
-def format_table(res: dict) -> str:
-    """Plain-text tables of the prefill rows, the decode rows, what was skipped and the goals."""
-    lines = [f"device: {res['device']}"] + [_fmt_row(r) for r in res["prefill"]]
+CPU_CAVEAT = ("NOTE: timed on a CPU. These timings are not meaningful for GPU inference (no CUDA graphs, other "
+              "kernels, other bottlenecks): the speedups, bounds and goals describe this CPU run only. Lesson 09's "
+              "numbers come from a CUDA GPU.")
+
+
+def format_table(res: dict, prefill: bool = True) -> str:
+    """Plain-text tables of the prefill rows (unless ``prefill=False``: the command line has printed them as
+    they were measured), the decode rows, what was skipped and the goals; on a CPU, :data:`CPU_CAVEAT` first."""
+    lines = [f"device: {res['device']}"] + ([CPU_CAVEAT] if str(res["device"]).startswith("CPU") else [])
+    lines += [_fmt_row(r) for r in res["prefill"]] if prefill else []
     lines += [f"decode B={d['batch']:<3d} cache {d['cache_len']:>4d} tokens ({d['kv_cache_mb']:8.1f} MiB): "
               f"{d['step_ms']:7.2f} ms/step, {d['tokens_per_s']:9.1f} tokens/s" for d in res["decode"]]
-    lines += [f"skipped B={s['batch']} {s['method']}: {s['reason']}" for s in res.get("skipped", [])]
+    lines += [f"skipped B={s['batch']} {s['method']}: {s['reason']}" for s in res.get("skipped", [])] if prefill else []
     lines += [f"goal {g['goal']}: {g['target']}, measured {g['measured']:.3f} -> {'met' if g['met'] else 'MISSED'}"
               for g in res.get("goals", [])]
     return "\n".join(lines)
 
 
-def main(argv=None) -> dict:
-    """Command line: ``python -m vtp.benchmark [--smoke] [--batches 1 8 32] [--ratios ...] [--out PATH]``."""
-    p = argparse.ArgumentParser(prog="python -m vtp.benchmark", description="Prefill speed, full vs pruned.")
-    p.add_argument("--smoke", action="store_true", help="tiny shape (default without a GPU)")
-    p.add_argument("--full", action="store_true", help="LLaVA-1.5-7B shape (default with a GPU)")
-    p.add_argument("--batches", type=int, nargs="+")
-    p.add_argument("--ratios", type=float, nargs="+")
-    p.add_argument("--repeats", type=int)
-    p.add_argument("--warmup", type=int)
-    p.add_argument("--device")
+def _arg(kind, low: int = 1):
+    """argparse type: an int >= ``low`` (``kind="int"``) or a keep ratio in (0, 1] (``kind="ratio"``)."""
+    def parse(text):
+        try:
+            return check_ratio(float(text)) if kind == "ratio" else _pos_int(int(text), "value", low)
+        except ValueError:
+            want = "a keep ratio in (0, 1]" if kind == "ratio" else f"an int >= {low}"
+            raise argparse.ArgumentTypeError(f"must be {want}, got {text!r}") from None
+    return parse
+
+
+def _device(text):
+    try:
+        return str(torch.device(text))
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"not a torch device (cpu, cuda, cuda:1, ...): {text!r}") from None
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m vtp.benchmark", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                description="Prefill speed, full vs pruned, against the FLOPs bound (lesson 09). "
+                                            "Meaningful on a CUDA GPU only.")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--smoke", action="store_true", help="tiny shape, float32 (the default without a GPU)")
+    size.add_argument("--full", action="store_true", help="LLaVA-1.5-7B shape (the default with a GPU)")
+    p.add_argument("--batches", type=_arg("int"), nargs="+", help="batch sizes (default: 1 8 32; smoke 1 2)")
+    p.add_argument("--ratios", type=_arg("ratio"), nargs="+", help="keep ratios (default: 1 0.5 0.25 0.11)")
+    p.add_argument("--repeats", type=_arg("int"), help="timed runs per measurement (default: 25; smoke 5)")
+    p.add_argument("--warmup", type=_arg("int", 0), help="untimed runs first (default: 3; smoke 1)")
+    p.add_argument("--device", type=_device, help="torch device (default: cuda if present, else cpu)")
     p.add_argument("--no-graphs", dest="graphs", action="store_false", help="eager kernels only")
-    p.add_argument("--eager-batches", type=int, nargs="*", help="batches also timed eagerly (default: 1 8)")
-    p.add_argument("--compile-batches", type=int, nargs="*",
-                   help="batches also timed with the torch.compile'd decoder layer in CUDA graphs (default: 1; "
+    p.add_argument("--eager-batches", type=_arg("int"), nargs="*", help="batches also timed eagerly (default: 1 8)")
+    p.add_argument("--compile-batches", type=_arg("int"), nargs="*",
+                   help="batches also timed with the torch.compile'd decoder layer in CUDA graphs (default: 1 8; "
                         "none: no compile)")
     p.add_argument("--compile-autotune", action="store_true", default=None,
                    help="let torch.compile benchmark matrix-product kernels as well (longer compile)")
-    p.add_argument("--no-decode", dest="decode", action="store_false")
-    p.add_argument("--out", help="JSON path (full-mode default: results/09_inference_speed.json)")
+    p.add_argument("--no-decode", dest="decode", action="store_false", help="skip the decode-step timing")
+    p.add_argument("--out", help="JSON path (default: results/09_inference_speed.json in full mode, none in smoke)")
+    return p
+
+
+def main(argv=None) -> dict:
+    """Command line: ``python -m vtp.benchmark [--smoke|--full] [--batches 1 8 32] [--ratios ...] [--out PATH]``.
+
+    Arguments are checked before any work (argparse error, exit status 2); ``--device cuda`` without a visible
+    CUDA GPU is one such error. Each row is printed once, as it is measured, then the decode rows and the goals;
+    on a CPU a note says that the timings are not meaningful."""
+    p = _parser()
     a = p.parse_args(argv)
+    if a.device and a.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"--device {a.device}: no CUDA GPU is visible to torch (torch.cuda.is_available() is False); "
+                "leave --device out to run on the CPU")
     smoke = a.smoke or (not a.full and run_mode() == "smoke")
     tuples = {k: tuple(getattr(a, k)) for k in ("batches", "ratios", "eager_batches", "compile_batches")
               if getattr(a, k) is not None}
     kw = dict(repeats=a.repeats, warmup=a.warmup, device=a.device, graphs=a.graphs, decode=a.decode,
               compile_autotune=a.compile_autotune, **tuples)
     kw = {k: v for k, v in kw.items() if v is not None}
-    res = run_benchmark(BenchConfig.smoke(**kw) if smoke else BenchConfig(**kw), log=lambda s: print(s, flush=True))
-    print(format_table(res))
+    cfg = BenchConfig.smoke(**kw) if smoke else BenchConfig(**kw)
+    try:
+        cfg.validate()
+    except ValueError as e:
+        p.error(str(e))
+    device = torch.device(cfg.device) if cfg.device else default_device()
+    if device.type == "cpu":
+        print(CPU_CAVEAT, flush=True)
+    res = run_benchmark(cfg, log=lambda s: print(s, flush=True))
+    print(format_table(res, prefill=False))
     out = a.out or (None if smoke else "results/09_inference_speed.json")
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)

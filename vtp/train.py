@@ -17,7 +17,6 @@ with a clear message on a non-finite loss.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import json
@@ -839,57 +838,10 @@ def _adapt_to_rule(vlm, teacher_vlm, loss_fn, opt, batches, cfg: PrunerConfig, h
 
 
 def main(argv=None):
-    """Command line, outside the notebooks:
+    """The ``vtp-train`` command (:func:`vtp.cli.main`; ``vtp-train teacher --help``, ``vtp-train pruner --help``)."""
+    from .cli import main as cli_main
 
-    * ``vtp-train teacher [--mode smoke|full] [--out DIR]``: train and save a teacher, print test accuracy;
-    * ``vtp-train pruner [--mode smoke|full] [--ratio R] [--budgets R1 R2 ...] [--seed S] [--out FILE]
-      [--checkpoint FILE]``: load (or train) the teacher, train a pruner at keep ratio R (:func:`pruner_recipe`;
-      with ``--budgets``, phase 2 cycles through those budgets, lesson 07's one model for every ratio;
-      resumable from ``--checkpoint``), print test accuracy with real removal (top-k at R and at each budget)
-      and the final training keep ratio, as JSON (also written to FILE).
-
-    ``--config JSON`` overrides fields of the preset recipe (:class:`TrainConfig` or :class:`PrunerConfig`),
-    e.g. ``--config '{"batch_size": 512, "augment": {"hflip": 0.5, "max_shift": 4}}'``.
-    """
-    p = argparse.ArgumentParser(prog="vtp-train")
-    p.add_argument("what", choices=["teacher", "pruner"])
-    p.add_argument("--mode", choices=list(TEACHER_PRESETS), default=None)
-    p.add_argument("--ratio", type=float, default=0.25)
-    p.add_argument("--budgets", type=float, nargs="+", default=None,
-                   help="pruner: phase 2 cycles through these keep ratios (one model for all of them)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None)
-    p.add_argument("--config", type=json.loads, default={}, help="JSON object of recipe fields to override")
-    p.add_argument("--checkpoint", default=None, help="pruner: file the run saves itself to (every 100 steps) "
-                                                      "and resumes from when it exists")
-    args = p.parse_args(argv)
-    if not isinstance(args.config, dict):
-        p.error(f"--config must be a JSON object, got {args.config!r}")
-    if args.what == "teacher":
-        model, processor, history = train_teacher(teacher_config(args.mode, **args.config))
-        res = accuracy(model, load_split("test"), processor)
-        print(json.dumps({"test_accuracy": res.accuracy, "per_type": res.per_type, "device": history["device"],
-                          "train_time_s": history["train_time_s"], "steps": history["steps_done"],
-                          "val": history["val"], "parameters": history["parameters"], "config": history["config"]},
-                         indent=2))
-        out = args.out or teacher_dir(args.mode)
-        save_teacher(model, processor, out, {k: history[k] for k in ("device", "train_time_s", "parameters", "config")})
-        return
-    teacher, processor, _ = load_or_train_teacher(args.mode)
-    budgets = {} if args.budgets is None else {"adapt_ratios": tuple(check_ratio(r, "--budgets") for r in args.budgets)}
-    cfg = pruner_recipe(check_ratio(args.ratio, "--ratio"), args.seed, args.mode, **budgets, **args.config)
-    student, history = train_pruner(teacher, processor, cfg, checkpoint=args.checkpoint)
-    test = encode_split(load_split("test"), processor, next(student.parameters()).device)
-    res = accuracy(student, test, processor, ratio=cfg.target_ratio)
-    summary = {"ratio": cfg.target_ratio, "seed": cfg.seed, "test_accuracy": res.accuracy, "per_type": res.per_type,
-               "visual_tokens": res.visual_tokens, "final_training_keep_ratio": history["keep_ratio"][-1],
-               "val": history["val"], "train_time_s": history["train_time_s"], "device": history["device"]}
-    if cfg.adapt_ratios:
-        summary["test_accuracy_by_budget"] = {
-            f"{r:.4f}": accuracy(student, test, processor, ratio=r).accuracy for r in cfg.adapt_ratios}
-    print(json.dumps(summary, indent=2))
-    if args.out:
-        Path(args.out).write_text(json.dumps(summary, indent=2))
+    return cli_main(argv)
 
 
 if __name__ == "__main__":
