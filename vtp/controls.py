@@ -1,0 +1,208 @@
+r"""Adapted controls: the comparisons that make a learned pruner's margin fair (DESIGN 1c), and lesson 07's jobs.
+
+A learned pruner's language model is fine-tuned behind its own selection; a training-free baseline run on the
+frozen teacher is not. Their accuracy gap therefore mixes two things: the quality of the selection, and the
+language model's adaptation to pruned inputs. An **adapted control** removes the second: the same language-model
+training (phases, steps, learning rates, data, teacher, seed, budgets; ``PrunerConfig.selector``) behind a
+frozen selection, :class:`FrozenSelector`. The difference learned - control, paired by seed, is then the
+selection's own contribution (:func:`vtp.stats.paired_effect` gives its mean and 95% t-interval over seeds).
+
+:func:`train_and_evaluate` is one lesson-07 job for :func:`vtp.sweep.run_jobs`: phase 1, then phase 2 over the
+budgets from it (and optionally a phase 2 at one ratio alone, from the same phase-1 model), each evaluated
+with real removal on the test split.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from .baselines import fastv_scores
+from .pruner import PrunerOutput, check_ratio, topk_keep_mask
+
+__all__ = ["SELECTORS", "FrozenSelector", "train_and_evaluate", "load_student"]
+
+SELECTORS = ("untrained", "fastv", "random")
+
+
+class FrozenSelector(nn.Module):
+    r"""A frozen selection in the pruner's slot of a :class:`vtp.PrunedVLM` (the adapted controls).
+
+    It keeps the top :math:`k = \max(1, \operatorname{round}(\rho N))` of its scores (:func:`vtp.pruner.topk_keep_mask`,
+    the learned pruner's inference rule and budget) in training and eval mode alike, and nothing in it learns:
+
+    * ``"untrained"``: the keep probability of ``scorer``, a :class:`vtp.GumbelVisionPruner` at its random
+      initialisation, frozen (``requires_grad`` off, always in eval mode, run without gradient);
+    * ``"fastv"``: :func:`vtp.baselines.fastv_scores` of ``reference``, the frozen unpruned teacher (a
+      :class:`vtp.PrunedVLM`), on the sample's own prompt and visual tokens: the scores never follow the
+      language model being adapted;
+    * ``"random"``: uniform scores, a fresh draw per call from a CPU generator seeded with ``seed``.
+
+    ``forward`` takes the pruner's arguments plus ``prompt``: a dict with ``input_ids``, ``attention_mask``,
+    ``labels`` and ``visual_tokens``, which :class:`vtp.PrunedVLM` passes because ``reads_prompt`` is true. It
+    returns a :class:`vtp.PrunerOutput` whose ``keep_prob`` is the 0/1 mask itself (a deterministic selection
+    keeps a token with probability 0 or 1) and whose ``logits`` are ``None``. Only the top-k rule exists
+    (``rule`` ``"topk"`` or ``None``): without keep probabilities there is no threshold. ``copy.deepcopy``
+    shares the reference (frozen) instead of copying it; it is not part of ``state_dict``.
+    """
+
+    reads_prompt = True
+    sampler = "topk"  # training and inference apply the same top-k rule
+
+    def __init__(self, kind: str, ratio: float = 0.25, scorer: nn.Module | None = None, reference=None,
+                 seed: int = 0, layer: int = 1):
+        super().__init__()
+        if kind not in SELECTORS:
+            raise ValueError(f"kind must be one of {SELECTORS}, got {kind!r}")
+        if (kind == "untrained") != (scorer is not None):
+            raise ValueError(f"scorer must be given for kind='untrained' and only then (kind={kind!r})")
+        if (kind == "fastv") != (reference is not None):
+            raise ValueError(f"reference (the frozen teacher, a PrunedVLM) must be given for kind='fastv' and only "
+                             f"then (kind={kind!r})")
+        self.kind, self.ratio, self.seed, self.layer = kind, check_ratio(ratio), seed, layer
+        self.scorer = scorer.requires_grad_(False).eval() if scorer is not None else None
+        if reference is not None:
+            reference.requires_grad_(False).eval()
+        self._reference = (reference,)  # a tuple: not registered as a submodule (not copied, not in state_dict)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.text_dim = getattr(scorer, "text_dim", None)  # the question embedding an untrained scorer reads
+
+    @property
+    def reference(self):
+        """The frozen model whose attention the FastV-style selection reads (``None`` otherwise)."""
+        return self._reference[0]
+
+    def __deepcopy__(self, memo):
+        new = FrozenSelector(self.kind, self.ratio, copy.deepcopy(self.scorer, memo), self.reference, self.seed,
+                             self.layer)
+        new.generator.set_state(self.generator.get_state())
+        return new.train(self.training)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.scorer is not None:
+            self.scorer.eval()  # a frozen scorer never samples Gumbel masks
+        return self
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind!r}, ratio={self.ratio:g}, seed={self.seed}"
+
+    @torch.no_grad()
+    def scores(self, tokens: torch.Tensor, text: torch.Tensor | None = None, prompt: dict | None = None):
+        """Scores [B, N] of the visual ``tokens`` [B, N, d]: the higher, the earlier kept."""
+        B, N = tokens.shape[:2]
+        if self.kind == "random":
+            return torch.rand(B, N, generator=self.generator).to(tokens.device)
+        if self.kind == "untrained":
+            return self.scorer(tokens, rule="topk", ratio=self.ratio, text=text).keep_prob.float()
+        if prompt is None:
+            raise ValueError("a FastV-style selection needs prompt: input_ids, attention_mask, labels, visual_tokens")
+        return fastv_scores(prompt, self.reference, self.layer)
+
+    def forward(self, tokens: torch.Tensor, valid_mask: torch.Tensor | None = None, tau: float | None = None,
+                ratio: float | None = None, rule: str | None = None, text: torch.Tensor | None = None,
+                prompt: dict | None = None) -> PrunerOutput:
+        """Top-k keep mask [B, N] of :meth:`scores` at ``ratio`` (default ``self.ratio``); ``tau`` is ignored."""
+        if rule not in (None, "topk"):
+            raise ValueError(f"rule must be 'topk' or None for a frozen {self.kind!r} selection, got {rule!r}")
+        mask = topk_keep_mask(self.scores(tokens, text, prompt), self.ratio if ratio is None else ratio, valid_mask)
+        return PrunerOutput(mask, None, mask)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Lesson 07's job: one seed of the learned model or of a control, trained and tested
+# ----------------------------------------------------------------------------------------------------------
+def _test_results(model, test, processor, ratios, bf16: bool) -> dict:
+    from .evaluate import accuracy
+
+    out = {"accuracy": {}, "per_type": {}, "visual_tokens": {}, "keep_ratio": {}}
+    for r in ratios:
+        res = accuracy(model, test, processor, ratio=r, bf16=bf16)
+        key = f"{r:.4f}"
+        out["accuracy"][key], out["per_type"][key] = res.accuracy, res.per_type
+        out["visual_tokens"][key], out["keep_ratio"][key] = res.visual_tokens, res.keep_ratio
+    return out
+
+
+def train_and_evaluate(seed: int, selector: str = "learned", mode: str | None = None, ratios=(0.25,),
+                       shared: float = 0.25, alone_ratio: float | None = None, phase1_test: bool = False,
+                       threshold: bool = False, test_questions: int | None = None, save_dir: str | None = None,
+                       overrides: dict | None = None, name: str = "") -> dict:
+    """One lesson-07 job (a module-level function for :func:`vtp.sweep.run_jobs`): the teacher of ``mode``
+    (:func:`vtp.load_or_train_teacher`), then
+
+    1. phase 1 at keep ratio ``shared``: ``pruner_recipe(shared, seed, mode, adapt_steps=0, selector=selector)``;
+    2. phase 2 from that model over every budget of ``ratios``:
+       ``pruner_recipe(shared, seed, mode, adapt_ratios=ratios, selector=selector)`` (``student=`` phase 1);
+    3. if ``alone_ratio``: a phase 2 at that ratio alone from the same phase-1 model, with the same number of
+       steps and validations as step 2 (``pruner_recipe(alone_ratio, ...)`` with step 2's ``adapt_steps`` and
+       ``eval_every``).
+
+    ``overrides`` (recipe fields, e.g. shorter runs) apply to every recipe. Each model is tested on the test
+    split (its first ``test_questions`` questions if given, fixed subset) with real removal: the phase-2
+    model top-k at every ratio (and the threshold rule if ``threshold``), the phase-1 model likewise if
+    ``phase1_test``, the one-ratio model at ``alone_ratio``. ``save_dir`` saves the phase-2 model's (and the
+    one-ratio model's) ``state_dict`` there as ``{name}.pt`` (``{name}_alone.pt``); :func:`load_student`
+    rebuilds them. Returns a picklable dict: ``name``, ``seed``, ``selector``, the test results (``accuracy``,
+    ``per_type``, ``visual_tokens``, ``keep_ratio`` keyed by ``f"{ratio:.4f}"``), ``phase1``, ``alone``,
+    ``threshold``, both phases' histories and configs, ``train_time_s``, ``teacher_sha256``, ``device``, ``saved``.
+    """
+    from pathlib import Path
+
+    from .data import encode_split, load_split
+    from .evaluate import accuracy
+    from .train import load_or_train_teacher, pruner_recipe, train_pruner
+
+    if torch.cuda.is_available():
+        torch.set_num_threads(1)  # one process among many on a GPU machine: no CPU thread oversubscription
+    ratios = tuple(check_ratio(r, "ratios") for r in ratios)
+    over = dict(overrides or {})
+    teacher, processor, info = load_or_train_teacher(mode)
+    device = next(teacher.parameters()).device
+    cfg1 = pruner_recipe(shared, seed, mode, **{**over, "adapt_steps": 0, "selector": selector})
+    cfg2 = pruner_recipe(shared, seed, mode, **{"adapt_ratios": ratios, **over, "selector": selector})
+    val = encode_split(load_split("val"), processor, device)
+    test = load_split("test")
+    if test_questions is not None and test_questions < len(test):
+        test = test.subset(test_questions, seed=0)
+    test = encode_split(test, processor, device)
+
+    phase1, h1 = train_pruner(teacher, processor, cfg1, val_data=val)
+    model, h2 = train_pruner(teacher, processor, cfg2, val_data=val, student=phase1)
+    out = {"name": name, "seed": seed, "selector": selector, **_test_results(model, test, processor, ratios, cfg2.bf16),
+           "phase1": _test_results(phase1, test, processor, ratios, cfg1.bf16) if phase1_test else None,
+           "threshold": None, "alone": None, "history": {"phase1": h1, "phase2": h2},
+           "config": {"phase1": h1["config"], "phase2": h2["config"]},
+           "train_time_s": {"phase1": h1["train_time_s"], "phase2": h2["train_time_s"]},
+           "test_questions": len(test), "teacher_sha256": info.get("sha256"), "device": h2["device"], "saved": {}}
+    if threshold:
+        res = accuracy(model, test, processor, rule="threshold", bf16=cfg2.bf16)
+        out["threshold"] = {"accuracy": res.accuracy, "keep_ratio": res.keep_ratio, "per_type": res.per_type}
+    if save_dir is not None:
+        out["saved"]["model"] = str(Path(save_dir) / f"{name or seed}.pt")
+        torch.save(model.state_dict(), out["saved"]["model"])
+    if alone_ratio is not None:
+        cfg3 = pruner_recipe(alone_ratio, seed, mode, **{**over, "adapt_steps": cfg2.adapt_steps,
+                                                         "eval_every": cfg2.eval_every, "selector": selector})
+        alone, h3 = train_pruner(teacher, processor, cfg3, val_data=val, student=phase1)
+        res = _test_results(alone, test, processor, (alone_ratio,), cfg3.bf16)
+        out["alone"] = {"ratio": alone_ratio, **res, "adapt_best": h3.get("adapt_best"),
+                        "val": h3["val"], "config": h3["config"]}
+        out["train_time_s"]["alone"] = h3["train_time_s"]
+        if save_dir is not None:
+            out["saved"]["alone"] = str(Path(save_dir) / f"{name or seed}_alone.pt")
+            torch.save(alone.state_dict(), out["saved"]["alone"])
+    return out
+
+
+def load_student(teacher, config: dict, path):
+    """The :class:`vtp.PrunedVLM` that :func:`train_and_evaluate` saved to ``path``, rebuilt around a copy of
+    ``teacher`` from its recipe ``config`` (a ``PrunerConfig`` as a dict), in eval mode."""
+    from .train import PrunerConfig, _student
+
+    cfg = PrunerConfig(**{**config, "adapt_ratios": tuple(config.get("adapt_ratios", ()))})
+    device = next(teacher.parameters()).device
+    student = _student(teacher, cfg)
+    student.load_state_dict(torch.load(path, map_location=device, weights_only=True))
+    return student.to(device).eval()
