@@ -227,30 +227,37 @@ def _random_desc(cfg, rng):
     return {a: vals[a][int(rng.integers(len(vals[a])))] for a in sub}
 
 
+def _sub_desc(obj: SceneObject, rng) -> dict:
+    """A random non-empty part of ``obj``'s description (it matches ``obj``)."""
+    return {a: getattr(obj, a) for a in _subsets(rng)[0]}
+
+
 def _desc_with_count(objs, k, cfg, rng, tries=12):
     """A description matching exactly ``k`` objects (``k`` = 0: none), or None."""
     for _ in range(tries):
-        d = _random_desc(cfg, rng) if k == 0 else {a: getattr(objs[int(rng.integers(len(objs)))], a)
-                                                   for a in _subsets(rng)[0]}
+        d = _random_desc(cfg, rng) if k == 0 else _sub_desc(objs[int(rng.integers(len(objs)))], rng)
         if len(_matches(objs, d)) == k:
             return d
     return None
 
 
-def family_answers(family: str, cfg: SceneConfig) -> tuple:
-    """The answers of ``family`` under ``cfg`` (balanced in every split)."""
+def family_answers(family: str, cfg: SceneConfig, compositional: bool = False) -> tuple:
+    """The answers of ``family`` under ``cfg`` (balanced in every split). In the compositional split a query's
+    answer must be an attribute of a held-out pair (the queried object is the whole evidence)."""
     if family in ("exist", "relation", "compare"):
         return ("yes", "no")
     if family == "count":
         return COUNT_WORDS[: cfg.max_count + 1]
-    return tuple(cfg.colors) if family == "query_color" else tuple(cfg.shapes)
+    j = 0 if family == "query_color" else 1
+    values = cfg.colors if j == 0 else cfg.shapes
+    return tuple(v for v in values if not compositional or v in {p[j] for p in cfg.held_out})
 
 
 def _ask_count_like(family, objs, answer, cfg, rng):
     everything = tuple(range(len(objs)))
     if family == "exist":
         if answer == "yes":  # a sub-description of a random object: at least one match
-            d = {a: getattr(objs[int(rng.integers(len(objs)))], a) for a in _subsets(rng)[0]}
+            d = _sub_desc(objs[int(rng.integers(len(objs)))], rng)
         else:
             d = _desc_with_count(objs, 0, cfg, rng)
         if d is None:
@@ -344,12 +351,12 @@ class SceneSplit:
         return dataclasses.replace(self, images=images)
 
 
-def _balanced_targets(cfg: SceneConfig, n: int, rng) -> list:
+def _balanced_targets(cfg: SceneConfig, n: int, rng, compositional: bool) -> list:
     """``n`` (family, answer) targets: families in turn, each family's answers in turn, then shuffled."""
     out, seen = [], {f: 0 for f in cfg.families}
     for i in range(n):
         f = cfg.families[i % len(cfg.families)]
-        answers = family_answers(f, cfg)
+        answers = family_answers(f, cfg, compositional)
         out.append((f, answers[seen[f] % len(answers)]))
         seen[f] += 1
     return [out[i] for i in rng.permutation(n)]
@@ -384,7 +391,7 @@ def generate_split(name: str, n_questions: int, cfg: SceneConfig | None = None, 
         if not isinstance(v, int) or v < 1:
             raise ValueError(f"{arg} must be a positive int, got {v!r}")
     rng = np.random.default_rng([SPLIT_SEEDS[name], *np.atleast_1d(seed).tolist()])
-    pending = _balanced_targets(cfg, n_questions, rng)
+    pending = _balanced_targets(cfg, n_questions, rng, name == "compositional")
     rows, images, masks, scenes = [], [], [], []
     for _ in range(50 * n_questions + 1000):
         if not pending:
