@@ -1,4 +1,5 @@
 # Two commands do all set-up: `make lab` opens the course, `make test` runs every test.
+# `make lab PORT=8890 LAB_IP=0.0.0.0`: another port / listen on every interface (containers, remote machines).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -12,8 +13,14 @@ TORCH_SPEC := $(if $(HAS_GPU),$(TORCH_GPU),$(TORCH_CPU))
 PIP_TORCH_ARGS := $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL),)
 NBVAL := --nbval-lax --nbval-current-env --sanitize-with tests/nbval_sanitize.cfg
 export VTP_PROGRESS ?= 0
+# JupyterLab: port, address, and the git-ignored working copy of notebooks/ it opens (the committed lessons and
+# their outputs stay untouched). As root (most containers) JupyterLab needs --allow-root; a normal user does not.
+PORT ?= 8888
+LAB_IP ?= localhost
+LAB_DIR ?= lab
+ALLOW_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root,)
 
-.PHONY: lab test unit notebooks setup clean
+.PHONY: lab lab-files test unit notebooks setup clean
 
 setup: $(VENV)/.installed
 
@@ -25,8 +32,16 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m ipykernel install --sys-prefix --name python3
 	touch $@
 
-lab: setup
-	VTP_PROGRESS=1 $(VENV)/bin/jupyter lab notebooks
+# Copy each lesson into $(LAB_DIR)/ once: later runs add new lessons and keep the learner's edited copies.
+lab-files:
+	@mkdir -p $(LAB_DIR)
+	@for nb in notebooks/*.ipynb; do [ -e "$(LAB_DIR)/$${nb##*/}" ] || cp "$$nb" "$(LAB_DIR)/"; done
+
+lab: setup lab-files
+	@echo "Opening JupyterLab on $(LAB_DIR)/ (your copy of notebooks/): http://$(LAB_IP):$(PORT)/lab"
+	@echo "(the full URL with its access token follows; stop the server with Ctrl-C)"
+	VTP_PROGRESS=1 $(VENV)/bin/jupyter lab --no-browser --ip=$(LAB_IP) --port=$(PORT) \
+		--ServerApp.port_retries=0 $(ALLOW_ROOT) --ServerApp.root_dir=$(LAB_DIR)
 
 unit: setup
 	$(PY) -m pytest -q tests
