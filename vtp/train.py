@@ -208,10 +208,14 @@ def _batches_forever(data, processor, cfg, generator):
 
 
 def train_teacher(cfg: TrainConfig | str | None = None, device=None, processor: VQAProcessor | None = None,
-                  val_data=None):
+                  val_data=None, train_data=None):
     """Train the unpruned teacher. Returns ``(llava, processor, history)``; ``history`` holds per-step
-    ``lr``, ``loss`` every ``log_every`` steps (at ``step``), periodic ``val`` accuracies ``[(step, acc)]``, ``train_time_s``, ``device``, config."""
+    ``lr``, ``loss`` every ``log_every`` steps (at ``step``), periodic ``val`` accuracies ``[(step, acc)]``, ``train_time_s``, ``device``, config.
+    ``train_data`` (an :class:`vtp.data.EncodedSplit`, e.g. :func:`vtp.scenes.encode_scenes`) replaces easy-VQA's
+    training questions; it needs the ``processor`` that encoded it, and ``val_data`` when ``eval_every`` > 0."""
     cfg = teacher_config(cfg) if cfg is None or isinstance(cfg, str) else cfg
+    if train_data is not None and (processor is None or (cfg.eval_every and val_data is None)):
+        raise ValueError("train_data needs the processor that encoded it (and val_data when eval_every > 0)")
     device = torch.device(device) if device is not None else default_device()
     mcfg = vlm_config(cfg.model, **cfg.model_overrides)
     n_tokens = (mcfg.image_size // mcfg.patch_size) ** 2
@@ -221,10 +225,13 @@ def train_teacher(cfg: TrainConfig | str | None = None, device=None, processor: 
         raise ValueError(f"processor.num_image_tokens must be {n_tokens} for this model, got {processor.num_image_tokens}")
     model = build_llava(mcfg, vocab_size=processor.vocab_size, image_token_id=processor.image_token_id,
                         pad_token_id=processor.pad_token_id, seed=cfg.seed).to(device)
-    train = load_split("train")
-    if cfg.train_questions is not None and cfg.train_questions < len(train):
-        train = train.subset(cfg.train_questions, seed=cfg.seed)
-    data = encode_split(train, processor, device)
+    if train_data is None:
+        train = load_split("train")
+        if cfg.train_questions is not None and cfg.train_questions < len(train):
+            train = train.subset(cfg.train_questions, seed=cfg.seed)
+        data = encode_split(train, processor, device)
+    else:
+        data = train_data.to(device)
     if cfg.eval_every and val_data is None:
         val_data = encode_split(load_split("val"), processor, device)
     opt = _optimizer(model, cfg)
