@@ -5,6 +5,7 @@ from .pruner import GumbelVisionPruner, PrunerOutput
 from .schedules import get_temperature, sparsity_weight_schedule, target_ratio_schedule
 from .attention import policy_attention, remove_tokens
 from .vlm import PrunedVLM, build_llava
+from .patch import patch, unpatch
 from .evaluate import accuracy
 from .train import (PrunerConfig, TrainConfig, load_or_train_teacher, pruner_config, pruner_recipe, train_pruner,
                     train_teacher)
@@ -30,6 +31,8 @@ __all__ = [
     "remove_tokens",  # physical token removal keeping original position ids, right-padded
     "PrunedVLM",  # pruner between projector and LLM of any LlavaForConditionalGeneration
     "build_llava",  # small LlavaForConditionalGeneration from a preset ("smoke" / "full")
+    "patch",  # prune a LLaVA / LLaVA-NeXT / Qwen2-VL model in place (knob model.vtp_ratio); generate() keeps working
+    "unpatch",  # undo vtp.patch: the model's own methods back
     "accuracy",  # easy-VQA answer accuracy, overall and per question type, optionally pruned
     "TrainConfig",  # teacher training recipe (presets "smoke" / "full")
     "train_teacher",  # train the unpruned small LLaVA on easy-VQA

@@ -1,0 +1,344 @@
+"""vtp.patch / vtp.unpatch on tiny random models of every supported family (LLaVA, LLaVA-NeXT, Qwen2-VL,
+Qwen2.5-VL): ratio 1 is the unpatched model, generate() equals a manual greedy loop over the kept tokens with their
+original positions, exact kept counts per image, unpatch restores, a padded batch equals per-sample runs,
+train-mode policy masking equals removal, and bad input raises."""
+import inspect
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import (CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration,
+                          Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig,
+                          Qwen2VLForConditionalGeneration)
+
+import vtp
+from vtp import GumbelVisionPruner, patch, unpatch
+from vtp.vlm import build_llava
+
+FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
+V, IMG, VS, VE, VID = 40, 3, 5, 6, 4  # vocab; image, vision-start, vision-end, video token ids
+TEXT_A, TEXT_B = ((7, 8), (9, 10, 11)), ((12, 13, 14, 15), (16, 17))  # per-sample text before / after the image
+
+
+def _text_config(**kw):
+    return dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=None, tie_word_embeddings=False,
+                max_position_embeddings=256, **kw)
+
+
+def _qwen_model(family):
+    text = _text_config(rope_scaling={"rope_type": "default", "mrope_section": [2, 3, 3]})
+    vision = dict(depth=1, num_heads=2, patch_size=4, spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
+    if family == "qwen2_vl":
+        cfg = Qwen2VLConfig(vision_config=dict(vision, embed_dim=32, hidden_size=32, mlp_ratio=2), text_config=text,
+                            image_token_id=IMG, video_token_id=VID, vision_start_token_id=VS, vision_end_token_id=VE,
+                            tie_word_embeddings=False)
+        return Qwen2VLForConditionalGeneration(cfg)
+    cfg = Qwen2_5_VLConfig(vision_config=dict(vision, hidden_size=32, out_hidden_size=32, intermediate_size=64,
+                                              window_size=16, fullatt_block_indexes=[0]),
+                           text_config=text, image_token_id=IMG, video_token_id=VID, vision_start_token_id=VS,
+                           vision_end_token_id=VE, tie_word_embeddings=False)
+    return Qwen2_5_VLForConditionalGeneration(cfg)
+
+
+def make_model(family):
+    """A tiny random model of ``family`` in eval mode (float32, SDPA)."""
+    torch.manual_seed(0)
+    if family == "llava":
+        model = build_llava("smoke", vocab_size=V, image_token_id=IMG)
+    elif family == "llava_next":
+        vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                  image_size=32, patch_size=8)
+        cfg = LlavaNextConfig(vision_config=vision, text_config=LlamaConfig(**_text_config()), image_token_id=IMG,
+                              image_grid_pinpoints=[[32, 32], [32, 64], [64, 32]], tie_word_embeddings=False,
+                              vision_feature_select_strategy="default", vision_feature_layer=-1)
+        model = LlavaNextForConditionalGeneration(cfg)
+    else:
+        model = _qwen_model(family)
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model.float().eval()
+
+
+def _images(family, b):
+    """Sample ``b``'s image inputs and its number of image tokens."""
+    g = torch.Generator().manual_seed(10 + b)
+    if family == "llava":
+        return {"pixel_values": torch.randn(1, 3, 64, 64, generator=g)}, 16
+    if family == "llava_next":
+        size = [[32, 64], [64, 32]][b]
+        return {"pixel_values": torch.randn(1, 3, 3, 32, 32, generator=g), "image_sizes": torch.tensor([size])}, \
+            [52, 56][b]
+    grid = torch.tensor([[[1, 8, 8], [1, 8, 12]][b]])
+    return {"pixel_values": torch.randn(int(grid.prod()), 96, generator=g), "image_grid_thw": grid}, \
+        int(grid.prod()) // 4
+
+
+def make_inputs(family, samples=(0, 1), side="left"):
+    """Prompts ``text, <image tokens>, text`` of different lengths, padded on ``side``, with their images."""
+    rows, images = [], []
+    for b in samples:
+        image, n = _images(family, b)
+        body = [IMG] * n if family.startswith("llava") else [VS] + [IMG] * n + [VE]
+        rows.append(list(TEXT_A[b]) + body + list(TEXT_B[b]))
+        images.append(image)
+    L = max(map(len, rows))
+    ids = torch.zeros(len(rows), L, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        cols = slice(L - len(r), L) if side == "left" else slice(0, len(r))
+        ids[i, cols], mask[i, cols] = torch.tensor(r), 1
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    inputs.update({k: torch.cat([im[k] for im in images]) for k in images[0]})
+    if family.startswith("qwen"):
+        inputs["mm_token_type_ids"] = (ids == IMG).int()
+    return inputs
+
+
+def make_pruner(model, **kw):
+    torch.manual_seed(1)
+    pruner = GumbelVisionPruner(model.config.text_config.hidden_size, **kw)
+    with torch.no_grad():  # spread the keep probabilities so that the ranking is not a near-tie
+        pruner.scorer[-1].weight.mul_(20)
+    return pruner
+
+
+def generate(model, inputs, n=4, scores=False):
+    """Greedy tokens [B, n] (and, with ``scores``, the logits of every step [B, n, V])."""
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=n, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True)
+    tokens = out.sequences[:, inputs["input_ids"].shape[1]:]
+    return (tokens, torch.stack(out.logits, dim=1)) if scores else tokens
+
+
+def logits(model, inputs):
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family(request):
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def model(family):
+    return make_model(family)
+
+
+def test_ratio_one_reproduces_the_model(family, model):
+    inputs = make_inputs(family)
+    ref, (ref_tokens, ref_scores) = logits(model, inputs), generate(model, inputs, scores=True)
+    patch(model, make_pruner(model), ratio=1.0)
+    try:
+        assert torch.allclose(logits(model, inputs), ref, atol=1e-5, rtol=0)
+        tokens, scores = generate(model, inputs, scores=True)
+        assert torch.equal(tokens, ref_tokens) and torch.allclose(scores, ref_scores, atol=1e-5, rtol=0)
+        assert model.vtp_last.mask[model.vtp_last.valid].all()
+    finally:
+        unpatch(model)
+
+
+def _merged(model, inputs):
+    """Unpatched pieces: the merged input embeddings [B, L, d] and the original position ids."""
+    image_keys = ("pixel_values", "image_sizes", "image_grid_thw")
+    feats = model.model.get_image_features(**{k: v for k, v in inputs.items() if k in image_keys}).pooler_output
+    ids = inputs["input_ids"]
+    embeds = model.get_input_embeddings()(ids)
+    embeds = embeds.masked_scatter((ids == IMG).unsqueeze(-1), torch.cat(list(feats)).to(embeds.dtype))
+    if hasattr(model.model, "get_rope_index"):
+        pos, _ = model.model.get_rope_index(ids, image_grid_thw=inputs["image_grid_thw"],
+                                            attention_mask=inputs["attention_mask"],
+                                            mm_token_type_ids=inputs["mm_token_type_ids"])
+    else:
+        pos = (inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    return embeds, pos
+
+
+def _reference_keep(model, pruner, embeds, ids, ratio):
+    """The top-k decision recomputed from the pruner's scores of the one image's scorable tokens (no newlines)."""
+    visual = ids[0] == IMG
+    newline = getattr(model.model, "image_newline", None)
+    if newline is not None:
+        visual &= ~(embeds[0] == newline).all(-1)
+    p = vtp.keep_probability(pruner.score(embeds[:, visual]))[0]
+    k = max(1, round(ratio * p.numel()))
+    keep = torch.ones_like(visual)
+    keep[visual.nonzero()[:, 0]] = torch.zeros_like(p, dtype=torch.bool).scatter(0, p.argsort(descending=True)[:k], True)
+    return keep
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_generate_equals_greedy_loop_over_kept_tokens(family, model, attn):
+    inputs = make_inputs(family, samples=(1,))
+    model.set_attn_implementation(attn)
+    pruner = make_pruner(model).eval()
+    patch(model, pruner, ratio=0.25)
+    try:
+        tokens, scores = generate(model, inputs, n=5, scores=True)
+        with torch.no_grad():
+            embeds, pos = _merged(model, inputs)
+            keep = _reference_keep(model, pruner, embeds, inputs["input_ids"], 0.25)
+            lm = model.model.language_model
+            cache_kw = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
+            x, p, cache, mask, out, ref = embeds[:, keep], pos[..., keep], None, torch.ones(1, int(keep.sum())), [], []
+            nxt = pos[..., 0, :].amax(dim=-1) if pos.dim() == 2 else pos.amax(dim=(0, 2))  # last original position
+            for t in range(5):
+                o = lm(inputs_embeds=x, position_ids=p, attention_mask=mask, use_cache=True, **{cache_kw: cache})
+                cache = o[1]
+                ref.append(model.lm_head(o[0][:, -1]))
+                out.append(ref[-1].argmax(-1))
+                x = model.get_input_embeddings()(out[-1])[:, None]
+                p = (nxt + 1 + t).view(1, 1)
+                mask = torch.cat([mask, torch.ones(1, 1)], dim=1)
+        assert torch.equal(tokens[0], torch.stack(out, dim=1)[0])
+        assert torch.allclose(scores[0], torch.stack(ref, dim=1)[0], atol=1e-5, rtol=0)
+        assert torch.equal(model.vtp_last.index[0], keep.nonzero()[:, 0])
+    finally:
+        unpatch(model)
+        model.set_attn_implementation("sdpa")
+
+
+@pytest.mark.parametrize("ratio,min_keep", [(0.25, 1), (0.5, 1), (0.01, 3)])
+def test_exact_kept_count_per_image(family, model, ratio, min_keep):
+    inputs = make_inputs(family)
+    patch(model, make_pruner(model), ratio=ratio, min_keep=min_keep)
+    try:
+        out = logits(model, inputs)
+        state = model.vtp_last
+        n = state.valid.sum(-1)
+        expected = torch.clamp(torch.round(ratio * n.float()).long(), min=min_keep)
+        assert torch.equal(state.mask.sum(-1).long(), expected)
+        newlines = (inputs["input_ids"] == IMG).sum(-1) - n  # one image per sample
+        assert bool((newlines > 0).all()) == (family == "llava_next")
+        assert torch.equal(state.n_visual, expected + newlines)  # image-newline tokens are never pruned
+        n_text = (inputs["attention_mask"].sum(-1) - (inputs["input_ids"] == IMG).sum(-1))
+        dropped = (inputs["input_ids"] == IMG).sum(-1) - state.n_visual  # padding stays where it was
+        assert out.shape[1] == int((inputs["input_ids"].shape[1] - dropped).max())
+        assert torch.equal(state.attention_mask.sum(-1), n_text + state.n_visual)
+    finally:
+        unpatch(model)
+
+
+def test_ratio_is_a_knob_and_unpatch_restores(family, model):
+    inputs = make_inputs(family)
+    ref = logits(model, inputs)
+    patch(model, make_pruner(model), ratio=0.5)
+    short = logits(model, inputs).shape[1]
+    model.vtp_ratio = 1.0
+    assert torch.allclose(logits(model, inputs), ref, atol=1e-5, rtol=0)
+    model.vtp_ratio = 0.25
+    assert logits(model, inputs).shape[1] < short
+    unpatch(model)
+    assert torch.equal(logits(model, inputs), ref)
+    assert "forward" not in vars(model) and "forward" not in vars(model.model.language_model)
+    assert not any(n.startswith("vtp") for n in vars(model)) and not hasattr(model, "vtp_pruner")
+
+
+def test_padded_batch_equals_per_sample(family, model):
+    pruner = make_pruner(model)
+    patch(model, pruner, ratio=0.25)
+    try:
+        tokens, scores = generate(model, make_inputs(family, side="left"), scores=True)
+        right = make_inputs(family, side="right")
+        batch = logits(model, right)
+        index, mask = model.vtp_last.index, model.vtp_last.attention_mask.bool()
+        for b in (0, 1):
+            one = make_inputs(family, samples=(b,))
+            one_tokens, one_scores = generate(model, one, scores=True)
+            assert torch.equal(one_tokens[0], tokens[b])
+            assert torch.allclose(one_scores[0], scores[b], atol=1e-5, rtol=0)
+            single = logits(model, one)[0]
+            assert torch.allclose(batch[b][mask[b]], single, atol=1e-5, rtol=0)
+            assert torch.equal(index[b][mask[b]], model.vtp_last.index[0])
+        model.vtp_rule = "threshold"  # kept counts differ per sample: left-padded compaction keeps the last column
+        pruner.threshold = 0.3
+        tokens, scores = generate(model, make_inputs(family, side="left"), scores=True)
+        assert len(set(model.vtp_last.n_visual.tolist())) > 1 or family == "llava"
+        for b in (0, 1):
+            one_tokens, one_scores = generate(model, make_inputs(family, samples=(b,)), scores=True)
+            assert torch.equal(one_tokens[0], tokens[b])
+            assert torch.allclose(one_scores[0], scores[b], atol=1e-5, rtol=0)
+    finally:
+        unpatch(model)
+
+
+def test_train_mode_masks_and_equals_removal(family, model):
+    inputs = make_inputs(family, side="right")
+    pruner = make_pruner(model)
+    patch(model, pruner, ratio=0.25)
+    try:
+        removed = logits(model, inputs)
+        index, mask = model.vtp_last.index, model.vtp_last.attention_mask.bool()
+        model.train()
+        pruner.eval()  # the deterministic top-k mask, applied as an attention policy instead of removal
+        with torch.no_grad():
+            masked = model(**inputs).logits
+        assert masked.shape[1] == inputs["input_ids"].shape[1]
+        for b in (0, 1):
+            assert torch.allclose(masked[b, index[b][mask[b]]], removed[b][mask[b]], atol=1e-4, rtol=0)
+        pruner.train()  # Gumbel samples; gradients reach the pruner through the policy
+        out = model(**inputs, labels=inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100))
+        state = model.vtp_last
+        assert state.keep_prob.requires_grad and set(state.mask[state.valid].unique().tolist()) <= {0.0, 1.0}
+        (out.loss + state.keep_prob[state.valid].mean()).backward()
+        assert pruner.scorer[0].weight.grad.abs().sum() > 0
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.eval()
+        unpatch(model)
+
+
+def test_eval_labels_follow_the_kept_tokens(family, model):
+    inputs = make_inputs(family, side="right")
+    labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+    labels = labels.masked_fill(labels == IMG, -100)
+    patch(model, make_pruner(model), ratio=0.25)
+    try:
+        with torch.no_grad():
+            out = model(**inputs, labels=labels)
+        state = model.vtp_last
+        kept = labels.gather(1, state.index).masked_fill(state.attention_mask == 0, -100)
+        expected = model.loss_function(logits=out.logits, labels=kept, vocab_size=V)
+        assert type(out).__name__.endswith("OutputWithPast") and torch.allclose(out.loss, expected)
+    finally:
+        unpatch(model)
+
+
+def test_bad_input_raises():
+    model = make_model("llava")
+    pruner = make_pruner(model)
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        patch(model, pruner, ratio=0.25, rulle="topk")
+    with pytest.raises(TypeError, match="LlavaForConditionalGeneration.*Qwen2_5_VLForConditionalGeneration"):
+        patch(model.model.language_model, pruner)
+    with pytest.raises(ValueError, match=r"hidden_dim=48.*hidden size 64"):
+        patch(model, GumbelVisionPruner(48))
+    for bad in (0.0, 1.5, -1, "half"):
+        with pytest.raises(ValueError, match="ratio"):
+            patch(model, pruner, ratio=bad)
+    with pytest.raises(ValueError, match="rule"):
+        patch(model, pruner, rule="sample")
+    with pytest.raises(ValueError, match="min_keep"):
+        patch(model, pruner, min_keep=0)
+    assert not hasattr(model, "vtp_ratio") and "forward" not in vars(model)  # nothing done before raising
+    with pytest.raises(ValueError, match="not patched"):
+        unpatch(model)
+    patch(model, pruner)
+    model.vtp_ratio = 2.0
+    with pytest.raises(ValueError, match="ratio"):
+        logits(model, make_inputs("llava"))
+
+
+def test_readme_snippet_runs():
+    """The README's "Prune your own model" snippet, run as written on the tiny model it builds."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Prune your own model", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    scope = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    model = scope["model"]
+    assert model.vtp_last.n_visual.tolist() == [4] and model.vtp_ratio == 0.5  # 16 visual tokens at ratio 0.25
+    assert scope["tokens"].shape == (1, 22)

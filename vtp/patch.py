@@ -1,0 +1,350 @@
+r"""``vtp.patch(model, pruner)``: prune the visual tokens of a Hugging Face VLM in place, ``generate()`` included.
+
+In the spirit of ToMe's ``tome.patch.timm(model)``: one call, the model keeps its class, its output types and its
+``generate``; one knob, ``model.vtp_ratio`` (the keep ratio), can be changed at any time. Supported:
+``LlavaForConditionalGeneration``, ``LlavaNextForConditionalGeneration`` (image-newline tokens are never pruned)
+and ``Qwen2VLForConditionalGeneration`` / ``Qwen2_5_VLForConditionalGeneration`` (M-RoPE).
+
+What happens inside. Three public methods are wrapped, no transformers code is copied:
+
+* the inner multimodal model's ``forward`` reads ``input_ids``: where the image placeholders are, and whether
+  this call is a prefill (images in the prompt, empty cache) or a decode step;
+* its ``get_image_features`` reports how many visual tokens each image has (one image at a time is scored);
+* the language model's ``forward`` receives the merged sequence (text embeddings with the projected visual
+  tokens in place of the placeholders). There the pruner scores each image's visual tokens
+  (:func:`select_visual`, the one scoring/selection path that :class:`vtp.PrunedVLM` uses too) and
+
+  - in **eval mode** the dropped tokens are physically removed (:func:`kept_index`): the kept tokens keep their
+    ORIGINAL position ids, 1-D (RoPE) or 3-D (M-RoPE), and the 2-D attention mask follows them. The KV cache then
+    holds :math:`K < L` prompt tokens, so at every decode step the mask that ``generate`` grows to :math:`L + t`
+    columns is compacted to the :math:`K` kept prompt columns plus the :math:`t` new ones, and the decode position
+    ids stay the original ones (``generate`` derives them from the full mask; without them the wrapper supplies
+    :math:`\max(\text{prompt positions}) + 1 + t`).
+  - in **train mode** nothing is removed: the sampled mask becomes the keep policy of the policy-weighted
+    attention (:mod:`vtp.attention`; masking = removal), and the keep probabilities for the loss are in
+    ``model.vtp_last`` (:class:`PatchState`).
+
+Selection per image: top-k keeps exactly :math:`\max(\text{min\_keep}, \operatorname{round}(\rho N))` of the
+:math:`N` scorable tokens of each image. A question-aware pruner gets the mean input embedding of its sample's
+question (:func:`question_embedding`). ``vtp.unpatch(model)`` restores the original methods.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .attention import policy_attention
+from .pruner import check_ratio
+
+__all__ = ["patch", "unpatch", "PatchState", "select_visual", "question_embedding", "kept_index",
+           "SUPPORTED", "PATCH_RULES"]
+
+PATCH_RULES = ("topk", "threshold")
+SUPPORTED = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration", "Qwen2VLForConditionalGeneration",
+             "Qwen2_5_VLForConditionalGeneration")
+_WRAPPED = ("forward", "get_image_features")  # on the inner model; plus forward of the model and language model
+
+
+def question_embedding(embeds, visual_mask, attention_mask=None, labels=None) -> torch.Tensor:
+    r"""Mean input embedding ``[B, d]`` of each prompt's text tokens, :math:`q_b = \frac{1}{|T_b|}\sum_{i \in T_b}
+    e_{b,i}` over :math:`T_b` = positions that are not image tokens, not padding and (``labels`` given) not
+    supervised answer tokens, so a pruner never reads the answer. Detached: the language model owns them."""
+    text = ~visual_mask
+    if attention_mask is not None:
+        text = text & attention_mask.bool()
+    if labels is not None:
+        text = text & (labels == -100)
+    w = text.unsqueeze(-1).to(embeds.dtype)
+    return ((embeds * w).sum(1) / w.sum(1).clamp(min=1)).detach()
+
+
+def select_visual(pruner, tokens, valid_mask=None, text=None, ratio=None, rule=None, tau=None, min_keep=None):
+    """The one scoring/selection path: ``pruner`` scores ``tokens`` [B, N, d] (``valid_mask`` [B, N] marks real
+    tokens; ``text`` [B, d] is the pooled question, read only by a question-aware pruner). A ``ratio`` without
+    a ``rule`` means top-k; ``min_keep`` (default: the pruner's) applies to this call. Tokens are cast to the
+    pruner's dtype outside autocast. Returns the pruner's :class:`vtp.PrunerOutput` (mask, logits, keep_prob)."""
+    if rule is None and ratio is not None:
+        rule = "topk"
+    kwargs = {} if getattr(pruner, "text_dim", None) is None else {"text": text}
+    param = next(pruner.parameters(), None)
+    if param is not None and tokens.dtype != param.dtype and not torch.is_autocast_enabled(tokens.device.type):
+        tokens = tokens.to(param.dtype)
+        kwargs = {k: v.to(param.dtype) for k, v in kwargs.items()}
+    if min_keep is None:
+        return pruner(tokens, valid_mask=valid_mask, tau=tau, ratio=ratio, rule=rule, **kwargs)
+    previous, pruner.min_keep = pruner.min_keep, min_keep
+    try:
+        return pruner(tokens, valid_mask=valid_mask, tau=tau, ratio=ratio, rule=rule, **kwargs)
+    finally:
+        pruner.min_keep = previous
+
+
+def kept_index(keep: torch.Tensor, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Original positions ``index`` [B, K] of the kept positions (``keep`` [B, L] bool), in order, and ``valid``
+    [B, K]. Samples that keep fewer than K are padded on the left (``left``, for left-padded prompts: the last
+    column stays each sample's last token, which ``generate`` reads) or on the right."""
+    lengths = keep.sum(-1)
+    K = int(lengths.max())
+    cols = torch.arange(K, device=keep.device)
+    if left:  # stable ascending sort: dropped first, then the kept ones in order; the last K columns
+        index = torch.argsort(keep.to(torch.int8), dim=-1, stable=True)[:, keep.shape[1] - K:]
+        return index, cols >= (K - lengths).unsqueeze(1)
+    index = torch.argsort((~keep).to(torch.int8), dim=-1, stable=True)[:, :K]
+    return index, cols < lengths.unsqueeze(1)
+
+
+@dataclass
+class PatchState:
+    """What the last prefill of a patched model did (``model.vtp_last``). Per image ``i`` (images in prompt order):
+    ``keep_prob``, ``mask`` [I, N] and ``logits`` [I, N, 2] from the pruner, ``valid`` [I, N] (real tokens; images
+    differ in size), ``image_sample`` [I] the sample each image belongs to. ``n_visual`` [B] visual tokens the
+    language model saw per sample (image-newline tokens included). Eval mode: ``index`` [B, K] original position of
+    each kept position and ``attention_mask`` [B, K] (0 = padding); both ``None`` when nothing was removed."""
+
+    keep_prob: torch.Tensor
+    mask: torch.Tensor
+    logits: torch.Tensor
+    valid: torch.Tensor
+    image_sample: torch.Tensor
+    n_visual: torch.Tensor
+    index: torch.Tensor | None = None
+    attention_mask: torch.Tensor | None = None
+    prompt_length: int = 0  # L, the uncompacted prompt length (decode steps)
+    next_position: torch.Tensor | None = None  # [B], max prompt position + 1 (decode steps without position ids)
+
+
+class _Patch:
+    """Per-model state: the originals to restore, and what one forward call passes between the wrappers."""
+
+    def __init__(self, model):
+        self.model, self.inner, self.lm = model, model.model, model.model.language_model
+        cfg = model.config
+        token = getattr(cfg, "image_token_id", None)
+        self.image_token_id = token if token is not None else cfg.image_token_index
+        self.newline = getattr(self.inner, "image_newline", None)  # LLaVA-NeXT
+        self.saved = []  # (object, name, value in its __dict__ or None)
+        self.call = None  # dict for the forward call under way
+
+    def wrap(self, obj, name, wrapper):
+        self.saved.append((obj, name, obj.__dict__.get(name)))
+        original = getattr(obj, name)
+        setattr(obj, name, functools.wraps(original)(functools.partial(wrapper, original)))
+
+    def restore(self):
+        for obj, name, value in reversed(self.saved):
+            if value is None:
+                del obj.__dict__[name]
+            else:
+                setattr(obj, name, value)
+
+
+def _check_kwargs(fn, kwargs):
+    if kwargs:
+        raise TypeError(f"{fn}() got unexpected keyword argument(s) {sorted(kwargs)}")
+
+
+def patch(model, pruner: nn.Module, ratio: float = 0.25, rule: str = "topk", min_keep: int = 1, **kwargs):
+    """Prune ``model``'s visual tokens with ``pruner`` (a :class:`vtp.GumbelVisionPruner` of width = the language
+    model's hidden size), in place. Eval mode removes tokens (``rule`` ``"topk"`` keeps ``max(min_keep,
+    round(ratio * N))`` per image; ``"threshold"`` keeps keep-prob > the pruner's threshold); train mode masks
+    them in attention. ``model.vtp_ratio`` / ``model.vtp_rule`` can be changed later; ``model.vtp_pruner`` is
+    the pruner (a submodule: it follows ``.to()``, ``.train()``, ``.eval()``). Returns ``model``."""
+    _check_kwargs("patch", kwargs)
+    ratio = check_ratio(ratio)
+    if rule not in PATCH_RULES:
+        raise ValueError(f"rule must be one of {PATCH_RULES}, got {rule!r}")
+    if isinstance(min_keep, bool) or not isinstance(min_keep, int) or min_keep < 1:
+        raise ValueError(f"min_keep must be an int >= 1, got {min_keep!r}")
+    if type(model).__name__ not in SUPPORTED:
+        raise TypeError(f"vtp.patch supports {', '.join(SUPPORTED)}; got {type(model).__name__}")
+    if not isinstance(pruner, nn.Module):
+        raise TypeError(f"pruner must be an nn.Module (e.g. vtp.GumbelVisionPruner), got {type(pruner).__name__}")
+    width = model.config.text_config.hidden_size
+    if getattr(pruner, "hidden_dim", width) != width:
+        raise ValueError(f"pruner.hidden_dim={pruner.hidden_dim} does not match the model's language-model hidden "
+                         f"size {width}")
+    if getattr(model, "_vtp", None) is not None:
+        unpatch(model)
+    p = _Patch(model)
+    model._vtp, model.vtp_ratio, model.vtp_rule, model.vtp_min_keep, model.vtp_last = p, ratio, rule, min_keep, None
+    model.vtp_pruner = pruner.train(model.training)  # a submodule from now on: one mode for both
+    p.wrap(model, "forward", functools.partial(_model_forward, p))
+    p.wrap(p.inner, "forward", functools.partial(_inner_forward, p))
+    p.wrap(p.inner, "get_image_features", functools.partial(_image_features, p))
+    p.wrap(p.lm, "forward", functools.partial(_lm_forward, p))
+    return model
+
+
+def unpatch(model):
+    """Undo :func:`patch`: the original methods, no pruner, no ``vtp_*`` attributes. Returns ``model``."""
+    p = getattr(model, "_vtp", None)
+    if p is None:
+        raise ValueError("unpatch: the model is not patched (call vtp.patch first)")
+    p.restore()
+    del model.vtp_pruner
+    for name in ("_vtp", "vtp_ratio", "vtp_rule", "vtp_min_keep", "vtp_last"):
+        delattr(model, name)
+    return model
+
+
+
+# --- the four wrappers -------------------------------------------------------------------------------------------
+
+def _model_forward(p, original, *args, **kwargs):
+    """The model's ``forward``: in eval mode with ``labels``, the loss is computed on the kept positions (labels
+    gathered like the tokens), with the model's own ``loss_function``."""
+    bound = inspect.signature(original).bind(*args, **kwargs)
+    labels = bound.arguments.get("labels")
+    p.call = {"labels": labels}
+    try:
+        if labels is None or p.model.training:
+            return original(*args, **kwargs)
+        bound.arguments["labels"] = None
+        out = original(*bound.args, **bound.kwargs)
+        state = p.call.get("state")
+    finally:
+        p.call = None
+    if state is not None and state.index is not None:
+        labels = labels.gather(1, state.index).masked_fill(state.attention_mask == 0, -100)
+    loss = p.model.loss_function(logits=out.logits, labels=labels, vocab_size=p.model.config.text_config.vocab_size)
+    return type(out)(**{"loss": loss, **{k: v for k, v in out.items() if k != "loss"}})
+
+
+def _inner_forward(p, original, *args, **kwargs):
+    """The inner model's ``forward``: a prefill (images in ``input_ids``, empty cache) or a decode step after a
+    pruned prefill, where missing position ids become the original ones: ``max(prompt positions) + 1 + t``."""
+    own = p.call is None
+    if own:
+        p.call = {}
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    cache = _cache(kwargs)
+    past = 0 if cache is None else cache.get_seq_length()
+    state = p.model.vtp_last
+    if past == 0:
+        p.model.vtp_last = None  # a new sequence: forget the last prefill
+        visual = None if ids is None else ids == p.image_token_id
+        p.call["visual"] = visual if visual is not None and bool(visual.any()) else None
+    elif state is not None and state.index is not None and not p.model.training:
+        p.call["decode"] = state
+        if kwargs.get("position_ids") is None:
+            q = (ids if ids is not None else kwargs["inputs_embeds"]).shape[1]
+            t = past - state.index.shape[1]  # tokens decoded so far
+            steps = torch.arange(t, t + q, device=state.next_position.device)
+            kwargs["position_ids"] = state.next_position.unsqueeze(1) + steps
+    try:
+        return original(*args, **kwargs)
+    finally:
+        if own:
+            p.call = None
+
+
+def _image_features(p, original, *args, **kwargs):
+    """The inner model's ``get_image_features``: records each image's number of visual tokens."""
+    out = original(*args, **kwargs)
+    if p.call is not None:
+        feats = getattr(out, "pooler_output", out)
+        p.call["counts"] = [int(f.shape[0]) for f in feats]
+    return out
+
+
+def _lm_forward(p, original, *args, **kwargs):
+    """The language model's ``forward``: prune at a prefill, compact the attention mask at a decode step."""
+    call = p.call or {}
+    if args:  # the inner models pass keywords; a direct positional call is not ours to prune
+        return original(*args, **kwargs)
+    if call.get("visual") is not None:
+        return _prefill(p, original, call, kwargs)
+    if call.get("decode") is not None:
+        kwargs["attention_mask"] = _decode_mask(call["decode"], kwargs)
+    return original(**kwargs)
+
+
+# --- prefill and decode ------------------------------------------------------------------------------------------
+
+def _cache(kwargs):
+    return kwargs.get("cache", kwargs.get("past_key_values"))  # transformers >= 5.2x renamed past_key_values
+
+
+def _images(visual, scorable, counts):
+    """Scorable visual positions ``(b, l)`` with their image ``img`` and slot within the image: images come in
+    prompt order (as the visual tokens were scattered in); their sizes are ``counts`` when known, else each run
+    of consecutive image tokens is one image."""
+    b, l = visual.nonzero(as_tuple=True)  # row-major: the order of masked_scatter
+    if counts is not None and sum(counts) == b.numel():
+        img = torch.repeat_interleave(torch.arange(len(counts), device=b.device), torch.tensor(counts, device=b.device))
+    else:
+        start = visual & ~torch.nn.functional.pad(visual, (1, 0))[:, :-1]
+        img = start[b, l].long().cumsum(0) - 1
+    n_images = int(img.max()) + 1
+    sc = scorable[b, l]
+    b, l, img = b[sc], l[sc], img[sc]
+    n = torch.bincount(img, minlength=n_images)
+    slot = torch.arange(img.numel(), device=img.device) - (n.cumsum(0) - n)[img]
+    return b, l, img, slot, n_images, int(n.max())
+
+
+def _score(p, call, embeds, attention_mask):
+    """Score every image's visual tokens once; keep policy ``[B, L]`` (1 = text / kept) and the :class:`PatchState`."""
+    m = p.model
+    B, L, d = embeds.shape
+    visual = call["visual"]
+    scorable = visual
+    if p.newline is not None:  # LLaVA-NeXT's image-newline embeddings: layout, never pruned
+        scorable = visual & ~(embeds == p.newline.to(embeds.dtype)).all(-1)
+    b, l, img, slot, n_images, n_max = _images(visual, scorable, call.get("counts"))
+    tokens = embeds.new_zeros(n_images, n_max, d).index_put((img, slot), embeds[b, l])
+    valid = torch.zeros(n_images, n_max, dtype=torch.bool, device=embeds.device).index_put((img, slot),
+                                                                                          torch.tensor(True))
+    image_sample = torch.zeros(n_images, dtype=torch.long, device=embeds.device).index_put((img,), b)
+    text = question_embedding(embeds, visual, attention_mask, call.get("labels"))[image_sample]
+    out = select_visual(m.vtp_pruner, tokens, valid, text, ratio=m.vtp_ratio, rule=m.vtp_rule,
+                        min_keep=m.vtp_min_keep)
+    keep = torch.ones(B, L, dtype=out.mask.dtype, device=embeds.device).index_put((b, l), out.mask[img, slot])
+    n_visual = (keep.detach() * visual).sum(-1).long()
+    state = PatchState(out.keep_prob, out.mask, out.logits, valid, image_sample, n_visual, prompt_length=L)
+    return keep, state
+
+
+def _prefill(p, original, call, kwargs):
+    embeds, attn = kwargs["inputs_embeds"], kwargs.get("attention_mask")
+    if attn is not None and attn.dim() != 2:
+        raise ValueError(f"vtp.patch needs a 2-D attention mask (batch, seq), got shape {tuple(attn.shape)}")
+    keep, state = _score(p, call, embeds, attn)
+    p.model.vtp_last = call["state"] = state
+    if p.model.training:  # masking = removal: the policy-weighted attention, gradients to every decision
+        with policy_attention(p.lm):
+            return original(**kwargs, keep_policy=keep)
+    keep = keep.bool()
+    if bool(keep.all()):
+        return original(**kwargs)
+    B, L, d = embeds.shape
+    full = torch.ones(B, L, dtype=torch.long, device=embeds.device) if attn is None else attn
+    index, valid = kept_index(keep, left=bool(full[:, -1].all()))
+    pos = kwargs.get("position_ids")
+    if pos is None:
+        pos = torch.arange(L, device=embeds.device).expand(B, L)
+    state.index, state.attention_mask = index, full.gather(1, index) * valid
+    real = pos if pos.dim() == 2 else pos[-3:].amax(0)  # M-RoPE: decode positions continue after the largest
+    state.next_position = real.masked_fill(full == 0, -1).amax(-1) + 1
+    kwargs.update(inputs_embeds=embeds.gather(1, index.unsqueeze(-1).expand(-1, -1, d)),
+                  attention_mask=state.attention_mask,
+                  position_ids=pos.gather(-1, index.expand(*pos.shape[:-2], -1, -1)))
+    return original(**kwargs)
+
+
+def _decode_mask(state, kwargs):
+    """The 2-D mask of a decode step, ``[B, L + t]`` -> ``[B, K + t]``: the kept prompt columns, then the new ones."""
+    attn, embeds = kwargs.get("attention_mask"), kwargs["inputs_embeds"]
+    past, K = _cache(kwargs).get_seq_length(), state.index.shape[1]
+    new = past - K + embeds.shape[1]  # columns after the prompt, this step's included
+    if attn is None:
+        attn = torch.ones(embeds.shape[0], state.prompt_length + new, dtype=torch.long, device=embeds.device)
+    if attn.dim() != 2 or attn.shape != (state.index.shape[0], state.prompt_length + new):
+        raise ValueError(f"vtp.patch: a decode step after a pruned prefill needs a 2-D attention mask of shape "
+                         f"{(state.index.shape[0], state.prompt_length + new)} (prompt + generated tokens), got "
+                         f"{tuple(attn.shape)}")
+    return torch.cat([state.attention_mask.to(attn.dtype), attn[:, state.prompt_length:]], dim=1)
