@@ -51,8 +51,9 @@ def _check_schedule(cfg) -> None:
     for name in ("steps", "batch_size"):
         if not isinstance(getattr(cfg, name), int) or getattr(cfg, name) < 1:
             raise ValueError(f"{name} must be a positive int, got {getattr(cfg, name)!r}")
-    if not (0 <= cfg.warmup_steps < cfg.steps):
-        raise ValueError(f"warmup_steps must be in [0, steps={cfg.steps}), got {cfg.warmup_steps}")
+    if isinstance(cfg.warmup_steps, bool) or not isinstance(cfg.warmup_steps, int) \
+            or not (0 <= cfg.warmup_steps < cfg.steps):
+        raise ValueError(f"warmup_steps must be an int in [0, steps={cfg.steps}), got {cfg.warmup_steps!r}")
 
 
 def _check_number(cfg, name: str, low: float = 0.0, high: float = math.inf, open_low: bool = False) -> None:
@@ -94,7 +95,7 @@ def _check_common(cfg) -> None:
         raise ValueError(f"augment must be a dict of vtp.data.augment_images arguments, got {cfg.augment!r}")
     try:  # one 8x8 image: the function checks its own arguments
         augment_images(torch.zeros(1, 3, 8, 8, dtype=torch.uint8), torch.Generator().manual_seed(0), **cfg.augment)
-    except TypeError as e:
+    except (TypeError, ValueError) as e:
         raise ValueError(f"augment: {e}") from None
     _check_int(cfg, "train_questions", 1, optional=True)
     for name, low in (("eval_every", 0), ("eval_questions", 1), ("log_every", 1), ("seed", 0)):
