@@ -1,0 +1,199 @@
+r"""Teacher recipe search on the scenes benchmark (:mod:`vtp.scenes`, 576 visual tokens): K configurations
+trained CONCURRENTLY on one GPU, one subprocess each, inside one wall-clock budget.
+
+    python3 scripts/scenes_teacher_sweep.py --out DIR [--budget-s 480] [--configs a,b] [--smoke]
+
+Each worker generates its training pool (``pool_questions`` questions, ``questions_per_image`` per scene,
+the scenes' training seed) and the fixed test split of its scene configuration, trains through
+:func:`vtp.train.train_teacher` (``train_data=``) with a time budget that ends its cosine schedule
+``EVAL_RESERVE_S`` before the deadline, then evaluates on the test split: overall and per family, the blind
+baseline (blank images), and 64 of 576 tokens kept by random pruning (3 seeds), the VisionZip-style selection
+and the evidence oracle. It writes ``DIR/<config>.json``; the driver writes ``DIR/summary.json`` (ranking, the
+best configuration, the issue's teacher goals as met / not met). At most 6 configurations: <= 7 files.
+
+Why these configurations: a pilot (4+4 layers, 256 wide, lr 5e-4, batch 128, 3 questions per image, 390 s)
+reached 66.8%, binding an attribute to a described object being the hard part and the loss still falling.
+So the search varies what should help binding within the budget: questions per image (more language-model
+supervision per vision pass), learning rate and batch, depth and width, and an easier scene distribution
+(fewer colours, larger objects, fewer objects) as the fallback benchmark.
+
+``--smoke``: tiny scenes (64 px, 16 tokens), the CPU "smoke" model, 2 configurations, a 45 s budget.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+EVAL_RESERVE_S = {"full": 70.0, "smoke": 12.0}
+KEEP = 64 / 576  # the issue's tightest budget
+_BASE = {"model": {}, "scene": {}, "lr": 5e-4, "batch_size": 128, "questions_per_image": 4, "warmup_steps": 300,
+         "pool_questions": 96_000}
+CONFIGS = {
+    "pilot_qpi4": {},
+    "lr1e-3_b256": {"lr": 1e-3, "batch_size": 256, "questions_per_image": 8, "warmup_steps": 500},
+    "deep6": {"model": {"vision_layers": 6, "text_layers": 6}, "lr": 4e-4},
+    "wide384": {"model": {"vision_width": 384, "vision_heads": 6, "text_width": 384, "text_heads": 6,
+                          "text_kv_heads": 6, "text_layers": 6}, "lr": 3e-4},
+    "pilot_compiled": {"compile": True},  # as pilot_qpi4, the loss torch.compile'd: is compile worth its time?
+    "easy_scenes": {"scene": {"colors": ["red", "green", "blue", "yellow"], "sizes": [["small", 7], ["large", 11]],
+                              "min_objects": 4, "max_objects": 7}},
+}
+SMOKE_SCENE = {"image_size": 64, "patch_size": 16, "sizes": [["small", 4], ["large", 6]], "min_objects": 2,
+               "max_objects": 4, "max_count": 2}
+SMOKE_CONFIGS = {"smoke_a": {"lr": 2e-3}, "smoke_b": {"lr": 1e-3, "questions_per_image": 2}}
+
+
+def _recipe(name: str, smoke: bool) -> dict:
+    spec = {**_BASE, **(SMOKE_CONFIGS if smoke else CONFIGS)[name]}
+    if smoke:
+        spec.update(scene={**SMOKE_SCENE, **spec["scene"]}, batch_size=16, warmup_steps=5, pool_questions=240)
+    return spec
+
+
+def _scene_cfg(spec: dict):
+    from vtp.scenes import SceneConfig
+
+    s = dict(spec["scene"])
+    for k in ("colors", "shapes", "families"):
+        if k in s:
+            s[k] = tuple(s[k])
+    if "sizes" in s:
+        s["sizes"] = tuple(tuple(x) for x in s["sizes"])
+    return SceneConfig(**s)
+
+
+def _evaluate(model, processor, test, device) -> dict:
+    """Test accuracy unpruned, blind, and at 64/576 kept tokens (random x3, VisionZip-style, evidence oracle)."""
+    import torch
+
+    from vtp.baselines import VisionZip, evidence_oracle, keep_by_scores, random_scores
+    from vtp.scenes import encode_scenes, scene_accuracy
+
+    enc = encode_scenes(test, processor, device)
+    run = lambda **kw: scene_accuracy(model, test, processor, encoded=enc, batch_size=256, **kw)  # noqa: E731
+    full = run()
+    out = {"test": {"accuracy": full.accuracy, "per_family": full.per_type, "n": full.n}}
+    blank = scene_accuracy(model, test.blank(), processor, batch_size=256)
+    out["blank"] = {"accuracy": blank.accuracy, "per_family": blank.per_type}
+    rnd = [run(keep_fn=keep_by_scores(random_scores, KEEP, generator=torch.Generator().manual_seed(s))).accuracy
+           for s in range(3)]
+    out["random_64"] = {"seeds": rnd, "mean": sum(rnd) / 3}
+    for key, fn in (("visionzip_64", VisionZip(KEEP)), ("evidence_oracle_64", evidence_oracle(test.evidence, KEEP))):
+        r = run(keep_fn=fn)
+        out[key] = {"accuracy": r.accuracy, "per_family": r.per_type, "visual_tokens": r.visual_tokens}
+    return out
+
+
+def worker(name: str, out_dir: Path, deadline: float, smoke: bool) -> None:
+    """Generate data, train one configuration until ``deadline - EVAL_RESERVE_S``, evaluate, write JSON."""
+    t0 = time.time()
+    import torch
+
+    from vtp.runtime import device_name
+    from vtp.scenes import encode_scenes, generate_split, scene_processor, scene_split
+    from vtp.train import TrainConfig, train_teacher
+
+    spec = _recipe(name, smoke)
+    device = torch.device("cuda" if torch.cuda.is_available() and not smoke else "cpu")
+    scene = _scene_cfg(spec)
+    processor = scene_processor(scene)
+    pool = generate_split("train", spec["pool_questions"], scene, seed=0, questions_per_image=3)
+    test = scene_split("test", scene, 120 if smoke else None)
+    gen_s = time.time() - t0
+    budget = deadline - EVAL_RESERVE_S["smoke" if smoke else "full"] - time.time()
+    if budget < 5:
+        raise RuntimeError(f"{name}: only {budget:.0f} s left for training after data generation")
+    cfg = TrainConfig(model="smoke" if smoke else "scenes", model_overrides=spec["model"], steps=1_000_000,
+                      batch_size=spec["batch_size"], lr=spec["lr"], warmup_steps=spec["warmup_steps"], augment={},
+                      train_questions=None, questions_per_image=spec["questions_per_image"], time_budget_s=budget,
+                      log_every=50, compile=spec.get("compile", False))
+    model, _, hist = train_teacher(cfg, device, processor, train_data=encode_scenes(pool, processor, device))
+    result = {"name": name, "recipe": spec, "device": device_name(device), "parameters": hist["parameters"],
+              "steps": hist["steps_done"], "train_time_s": hist["train_time_s"], "data_gen_s": gen_s,
+              "pool": {"questions": len(pool), "images": int(pool.images.shape[0])},
+              "loss_curve": list(zip(hist["step"], hist["loss"]))[:: max(1, len(hist["step"]) // 40)]}
+    result.update(_evaluate(model, processor, test, device))
+    result["wall_s"] = time.time() - t0
+    (out_dir / f"{name}.json").write_text(json.dumps(result, indent=2))
+
+
+def _summary(names, out_dir: Path, logs: dict, wall: float) -> dict:
+    runs = {}
+    for n in names:
+        f = out_dir / f"{n}.json"
+        if f.exists():
+            runs[n] = json.loads(f.read_text())
+        else:  # the worker failed: keep the end of its log as the record
+            tail = logs[n].read_text()[-3000:] if logs[n].exists() else ""
+            runs[n] = {"name": n, "error": tail}
+            f.write_text(json.dumps(runs[n], indent=2))
+    ok = {n: r for n, r in runs.items() if "test" in r}
+    ranking = sorted(ok, key=lambda n: -ok[n]["test"]["accuracy"])
+    summary = {"wall_s": wall, "ranking": [(n, ok[n]["test"]["accuracy"]) for n in ranking],
+               "failed": sorted(set(runs) - set(ok))}
+    if ranking:
+        best = ok[ranking[0]]
+        acc, per = best["test"]["accuracy"], best["test"]["per_family"]
+        summary["best"] = {k: best[k] for k in ("name", "recipe", "device", "steps", "train_time_s", "test", "blank",
+                                                "random_64", "visionzip_64", "evidence_oracle_64")}
+        summary["goals"] = {"teacher >= 0.97 overall": acc >= 0.97,
+                            "teacher >= 0.93 on every family": min(per.values()) >= 0.93,
+                            "random at 64/576 >= 10 points below the teacher": acc - best["random_64"]["mean"] >= 0.10}
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, help="directory for <config>.json and summary.json")
+    p.add_argument("--budget-s", type=float, default=None, help="total wall-clock seconds (default 480, smoke 45)")
+    p.add_argument("--configs", default=None, help="comma-separated subset of the configurations")
+    p.add_argument("--smoke", action="store_true", help="tiny CPU run of the whole pipeline")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--deadline", type=float, default=None, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if a.worker:
+        return worker(a.worker, out, a.deadline, a.smoke)
+    table = SMOKE_CONFIGS if a.smoke else CONFIGS
+    names = a.configs.split(",") if a.configs else list(table)
+    if not names or len(names) > 6 or any(n not in table for n in names):
+        p.error(f"--configs must name 1 to 6 of {list(table)}, got {a.configs!r}")
+    budget = a.budget_s or (45.0 if a.smoke else 480.0)
+    if budget < (20 if a.smoke else 200):
+        p.error(f"--budget-s too small: {budget}")
+    t0 = time.time()
+    deadline = t0 + budget - 10  # workers finish by here; the driver then writes the summary
+    logs = {n: Path(tempfile.mkdtemp(prefix="scenes_sweep_")) / f"{n}.log" for n in names}
+    threads = max(1, (os.cpu_count() or 2) // len(names))
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "VTP_PROGRESS": "0", "PYTHONUNBUFFERED": "1"}
+    procs = {}
+    for n in names:
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", n, "--out", str(out),
+               "--deadline", str(deadline)] + (["--smoke"] if a.smoke else [])
+        procs[n] = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=logs[n].open("w"), stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+    for n, proc in procs.items():
+        try:
+            proc.wait(timeout=max(1.0, deadline + 5 - time.time()))
+        except subprocess.TimeoutExpired:  # past the hard limit: stop this worker (its own process group)
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        print(f"{n}: exit {proc.returncode}", flush=True)
+    summary = _summary(names, out, logs, time.time() - t0)
+    print(json.dumps({k: summary[k] for k in summary if k != "best"}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
