@@ -29,9 +29,13 @@ components back anyway, raises ``FloatingPointError``.
 """
 from __future__ import annotations
 
+import contextlib
+import io
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
+from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
 from .gumbel import check_tau, keep_probability, one_gumbel_sigmoid, sample_keep_mask
@@ -136,7 +140,7 @@ def topk_straight_through(logits, ratio, valid_mask=None, min_keep: int = 1, tem
     return hard + (soft - soft.detach())  # forward: hard + 0, exactly 0/1
 
 
-class GumbelVisionPruner(nn.Module):
+class GumbelVisionPruner(nn.Module, PyTorchModelHubMixin, library_name="vtp"):
     """Learned visual-token pruner: MLP scorer -> two logits ``[drop, keep]`` -> keep mask.
 
     Args:
@@ -197,6 +201,17 @@ class GumbelVisionPruner(nn.Module):
             self.text_norm = nn.LayerNorm(text_dim)
             self.text_proj = nn.Linear(text_dim, inner, bias=False)
             nn.init.zeros_(self.text_proj.weight)
+
+    @classmethod
+    def from_pretrained(cls, directory, map_location: str = "cpu", **kwargs) -> "GumbelVisionPruner":
+        """A pruner saved with ``save_pretrained(directory)`` (``config.json``: the constructor's arguments;
+        ``model.safetensors``: the weights), from a local directory only; every weight must match (strict), and
+        it comes back in eval mode. ``kwargs`` override constructor arguments of the saved config."""
+        if not Path(directory).is_dir():
+            raise ValueError(f"directory must be a local directory written by save_pretrained, got {directory!r}")
+        with contextlib.redirect_stdout(io.StringIO()):  # the mixin prints where it loads from
+            return super().from_pretrained(Path(directory), local_files_only=True, map_location=map_location,
+                                           strict=True, **kwargs)
 
     def score(self, tokens: torch.Tensor, text: torch.Tensor | None = None) -> torch.Tensor:
         """Logits ``[B, N, 2]`` = ``[drop, keep]`` of ``tokens`` [B, N, d] (given ``text`` [B, text_dim] when
