@@ -12,6 +12,9 @@ from .train import (PrunerConfig, TrainConfig, load_or_train_teacher, pruner_con
 from .diagnose import diagnose
 from .pretrained import load_pretrained_teacher
 from .sweep import run_jobs, train_and_test
+from .scenes import (SceneConfig, encode_scenes, generate_split, scene_accuracy, scene_processor, scene_split,
+                     train_stream)
+from .baselines import VisionZip, evidence_oracle, evidence_recall
 
 __version__ = "0.1.0"
 
@@ -45,4 +48,14 @@ __all__ = [
     "load_pretrained_teacher",  # the shipped GPU-trained easy-VQA teacher, checksum verified
     "run_jobs",  # run independent jobs concurrently, one process each on a GPU machine
     "train_and_test",  # train one pruner from the teacher and test it with real removal
+    "SceneConfig",  # CLEVR-style 2-D scenes at 576 tokens: objects, sizes, colours, clutter, question families
+    "generate_split",  # balanced questions with evidence patches over seeded scenes
+    "scene_split",  # the fixed scenes val / test (10,080 questions) / compositional split
+    "train_stream",  # endless seeded scenes training data, chunk by chunk
+    "scene_processor",  # VQAProcessor for scenes (576 image tokens, the templates' vocabulary)
+    "encode_scenes",  # tokenize a scenes split into vtp.data's batch format
+    "scene_accuracy",  # accuracy on scenes per question family; checks the model gives 576 tokens
+    "VisionZip",  # VisionZip-style keep_fn: dominant tokens by [CLS] attention + merged contextual tokens
+    "evidence_oracle",  # keep_fn keeping a question's evidence patches first (the selection upper bound)
+    "evidence_recall",  # fraction of a question's evidence patches a keep mask contains
 ]
