@@ -11,6 +11,8 @@ r"""Toy problems for the theory lessons: small enough to enumerate or to train i
   sparsity terms of :class:`vtp.PruningLoss`.
 * :class:`SelectionTask`, :func:`train_selection` (lesson 04): a sequence in which only :math:`K` of
   :math:`N` tokens carry the signal; free keep logits learn which tokens to keep.
+* :class:`RedundantTask`, :func:`train_two_phase` (lesson 04, section 5): evidence repeated across tokens; a
+  read-out trained on Bernoulli masks meets top-k at deployment, and a phase through top-k closes the gap.
 """
 from __future__ import annotations
 
@@ -24,11 +26,13 @@ import torch.nn.functional as F
 
 from .gumbel import check_tau, sample_keep_mask
 from .losses import DualAscentController, PruningLoss, visual_keep_ratio
-from .pruner import GumbelVisionPruner, check_ratio, threshold_keep_mask, topk_keep_mask
+from .pruner import GumbelVisionPruner, check_ratio, threshold_keep_mask, topk_keep_mask, topk_straight_through
+from .schedules import get_temperature
 
 __all__ = [
     "ESTIMATORS", "MaskObjective", "bias_variance", "gumbel_max_sample", "chi_square_test",
     "importance_batch", "train_importance_pruner", "importance_report", "SelectionTask", "train_selection",
+    "RedundantTask", "train_two_phase",
 ]
 
 ESTIMATORS = ("reinforce", "ste", "gumbel_soft", "gumbel_hard")
@@ -184,14 +188,15 @@ def train_importance_pruner(direction: torch.Tensor, target_ratio: float = 0.25,
                             visual_only: bool = True, dual_lr: float | None = None, noise: float = 1.0,
                             steps: int = 300, batch: int = 32, tokens: int = 64, lr: float = 1e-2,
                             tau: float = 1.0, seed: int = 0, optimizer: str = "adam",
-                            target_schedule: Callable[[int], float] | None = None):
+                            target_schedule: Callable[[int], float] | None = None, penalty_with_dual: bool = False):
     r"""Train a :class:`vtp.GumbelVisionPruner` on :func:`importance_batch` tokens; return ``(pruner, ratios)``.
 
     Task surrogate: the importance lost by dropping, :math:`\frac1{BN}\sum u\,(1 - m)` with the hard Gumbel
     mask :math:`m`. Sparsity: the ``sparsity`` / ``binarize`` terms of :class:`vtp.PruningLoss` (its CE is
     a constant here: the toy has no language model). ``text_tokens`` always-kept tokens are appended to the
     keep probabilities; ``visual_only=False`` forgets the ``visual_mask`` (the pitfall). ``dual_lr`` replaces
-    the fixed weight by a :class:`vtp.DualAscentController`. ``target_schedule(step)`` overrides the target
+    the fixed weight by a :class:`vtp.DualAscentController` (``penalty_with_dual=True`` keeps the fixed-weight
+    term next to it, as lesson 07's recipe does). ``target_schedule(step)`` overrides the target
     per step (a ratio curriculum); ``optimizer`` is ``"adam"`` or ``"sgd"``. ``ratios`` = per-step visual keep
     ratio (mean keep probability).
     """
@@ -201,7 +206,7 @@ def train_importance_pruner(direction: torch.Tensor, target_ratio: float = 0.25,
     torch.manual_seed(seed)
     pruner = GumbelVisionPruner(direction.numel(), reduction=1, norm=False).train()  # unit-scale toy tokens: the seed scorer
     opt = (torch.optim.Adam if optimizer == "adam" else torch.optim.SGD)(pruner.parameters(), lr=lr)
-    loss_fn = PruningLoss(target_ratio, distill_weight=0.0, sparsity_weight=0.0 if dual_lr else sparsity_weight,
+    loss_fn = PruningLoss(target_ratio, distill_weight=0.0, sparsity_weight=0.0 if dual_lr and not penalty_with_dual else sparsity_weight,
                           sparsity=sparsity, binarize_weight=binarize_weight, shift_labels=False)
     controller = DualAscentController(target_ratio, lr=dual_lr) if dual_lr else None
     const_logits, const_labels = torch.zeros(batch, 1, 2), torch.zeros(batch, 1, dtype=torch.long)  # CE = log 2
@@ -358,3 +363,108 @@ def selection_metrics(task: SelectionTask, run: SelectionRun, generator: torch.G
                 threshold_exact=float(((p > 0.5).float() == signal).all(-1).float().mean()),
                 flip_rate=float(run.flip_rate[1:].mean()) if len(run.flip_rate) > 1 else float("nan"),
                 keep_prob=float(p.mean()), test_mse=float(mse))
+
+
+# --------------------------------------------------------------------------------------------- lesson 04, section 5
+@dataclass
+class RedundantTask:
+    r"""Evidence repeated across tokens, as neighbouring patches of one object repeat it.
+
+    ``n_latent`` latent values :math:`z_j \sim N(0, 1)`, target :math:`y = \sum_j z_j + \text{noise}\cdot\varepsilon`.
+    Each latent is seen by ``copies`` tokens :math:`v = z_j + \text{token\_noise}\cdot\varepsilon'` (tokens
+    ``j * copies ... (j + 1) * copies - 1``); the other tokens are pure noise. A budget of ``n_latent`` tokens
+    suffices when it keeps one copy of each latent.
+    """
+
+    n_tokens: int = 16
+    n_latent: int = 4
+    copies: int = 2
+    token_noise: float = 0.5
+    noise: float = 0.5
+
+    def __post_init__(self):
+        if self.n_latent < 1 or self.copies < 1 or self.n_latent * self.copies > self.n_tokens:
+            raise ValueError(f"need 1 <= n_latent * copies <= n_tokens, got {self.n_latent} x {self.copies} "
+                             f"and {self.n_tokens}")
+
+    @property
+    def ratio(self) -> float:
+        """The budget that keeps one copy of each latent: ``n_latent / n_tokens``."""
+        return self.n_latent / self.n_tokens
+
+    def batch(self, runs: int, size: int, generator: torch.Generator):
+        """Values ``v [runs, size, N]`` and targets ``y [runs, size]``."""
+        n_ev = self.n_latent * self.copies
+        z = torch.randn(runs, size, self.n_latent, generator=generator)
+        v = torch.randn(runs, size, self.n_tokens, generator=generator)
+        v[..., :n_ev] = z.repeat_interleave(self.copies, -1) + self.token_noise * torch.randn(
+            runs, size, n_ev, generator=generator)
+        y = z.sum(-1) + self.noise * torch.randn(runs, size, generator=generator)
+        return v, y
+
+    def coverage(self, mask: torch.Tensor) -> torch.Tensor:
+        """Per run, the share of latents of which ``mask [runs, N]`` keeps at least one copy."""
+        n_ev = self.n_latent * self.copies
+        return (mask[..., :n_ev].unflatten(-1, (self.n_latent, self.copies)).sum(-1) > 0).float().mean(-1)
+
+
+def train_two_phase(task: RedundantTask, phase1_steps: int = 200, phase2_steps: int = 100, phase2: str = "topk",
+                    runs: int = 32, batch: int = 16, lr: float = 0.05, phase2_pruner_lr: float = 0.005,
+                    sparsity_weight: float = 2.0, eval_every: int = 10, seed: int = 0) -> dict:
+    r"""Free keep logits :math:`\theta` and a read-out :math:`a` (init 0), :math:`\hat y = \sum_i m_i a_i v_i`,
+    trained with Adam in two phases (``runs`` independent runs in parallel).
+
+    Phase 1 (``phase1_steps``): the method's training law, hard Gumbel samples :math:`m \sim
+    \text{Bernoulli}(\sigma(\theta))` with :math:`\tau` annealed 5 -> 0.1, loss :math:`(\hat y - y)^2 +
+    w_s(\bar p - \rho)^2` at :math:`\rho` = ``task.ratio``. Phase 2 (``phase2_steps``): ``"topk"`` trains through
+    the deployment rule, the top-k mask with the straight-through surrogate of
+    :func:`vtp.pruner.topk_straight_through` (the keep logits at ``phase2_pruner_lr``, no sparsity term: top-k
+    fixes the count); ``"sample"`` continues phase 1 at :math:`\tau = 0.1` (same number of steps, the control).
+
+    Returns ``dict(step, deployed_mse, sampled_mse, coverage, keep_ratio)``, lists evaluated every ``eval_every``
+    steps on a fixed batch: the error with the deterministic top-k mask (deployment) and with Bernoulli samples of
+    the keep probabilities (the training law), the share of latents top-k covers and the mean keep probability.
+    """
+    if phase2 not in ("topk", "sample"):
+        raise ValueError(f'phase2 must be "topk" or "sample", got {phase2!r}')
+    for name, value in (("phase1_steps", phase1_steps), ("phase2_steps", phase2_steps)):
+        if not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+    if phase1_steps < 1:
+        raise ValueError(f"phase1_steps must be >= 1, got {phase1_steps}")
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    theta = torch.randn(runs, task.n_tokens, generator=gen).requires_grad_(True)
+    readout = torch.zeros(runs, task.n_tokens, requires_grad=True)
+    opt = torch.optim.Adam([{"params": [theta]}, {"params": [readout]}], lr=lr)
+    rho = task.ratio
+    hist = dict(step=[], deployed_mse=[], sampled_mse=[], coverage=[], keep_ratio=[])
+
+    def evaluate(step):
+        eval_gen = torch.Generator().manual_seed(seed + 10_000)
+        p = torch.sigmoid(theta.detach())
+        v, y = task.batch(runs, 256, eval_gen)
+        top = topk_keep_mask(p, rho).unsqueeze(1)
+        sampled = torch.bernoulli(p.unsqueeze(1).expand_as(v), generator=eval_gen)
+        err = lambda m: float(((m * readout.detach().unsqueeze(1) * v).sum(-1) - y).pow(2).mean())
+        for key, value in (("step", step), ("deployed_mse", err(top)), ("sampled_mse", err(sampled)),
+                           ("coverage", float(task.coverage(top.squeeze(1)).mean())), ("keep_ratio", float(p.mean()))):
+            hist[key].append(value)
+
+    evaluate(0)
+    for step in range(phase1_steps + phase2_steps):
+        v, y = task.batch(runs, batch, gen)
+        if step < phase1_steps or phase2 == "sample":
+            tau = get_temperature(min(step, phase1_steps - 1), phase1_steps, 5.0, 0.1)
+            mask = sample_keep_mask(_two_class(theta).unsqueeze(1).expand(-1, batch, -1, -1), tau)
+            extra = sparsity_weight * ((torch.sigmoid(theta).mean(-1) - rho) ** 2).mean()
+        else:
+            opt.param_groups[0]["lr"] = phase2_pruner_lr
+            mask, extra = topk_straight_through(_two_class(theta), rho).unsqueeze(1), 0.0
+        loss = ((mask * readout.unsqueeze(1) * v).sum(-1) - y).pow(2).mean() + extra
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if (step + 1) % eval_every == 0:
+            evaluate(step + 1)
+    return hist
