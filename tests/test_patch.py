@@ -342,3 +342,27 @@ def test_readme_snippet_runs():
     model = scope["model"]
     assert model.vtp_last.n_visual.tolist() == [4] and model.vtp_ratio == 0.5  # 16 visual tokens at ratio 0.25
     assert scope["tokens"].shape == (1, 22)
+
+
+def test_prunedvlm_shares_the_selection_and_rejects_unknown_arguments():
+    """PrunedVLM and the patched model select through the same function: same kept tokens, same logits."""
+    model = make_model("llava")
+    pruner = make_pruner(model).eval()  # its own rule is the threshold: a ratio alone must still mean top-k
+    vlm = vtp.PrunedVLM(model, pruner).eval()
+    inputs = make_inputs("llava", side="right")
+    args = inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"]
+    with torch.no_grad():
+        out = vlm(*args, ratio=0.25)
+    assert out.n_visual.tolist() == [4, 4]
+    with pytest.raises(TypeError):
+        vlm(*args, ratio=0.25, rulle="topk")
+    patch(model, pruner, ratio=0.25)
+    try:
+        patched = logits(model, inputs)
+        state = model.vtp_last
+        for b in (0, 1):
+            mine, theirs = state.attention_mask[b].bool(), out.attention_mask[b].bool()
+            assert torch.equal(state.index[b][mine], out.index[b][theirs])
+            assert torch.allclose(patched[b][mine], out.logits[b][theirs], atol=1e-5, rtol=0)
+    finally:
+        unpatch(model)

@@ -62,11 +62,13 @@ def question_embedding(embeds, visual_mask, attention_mask=None, labels=None) ->
     return ((embeds * w).sum(1) / w.sum(1).clamp(min=1)).detach()
 
 
-def select_visual(pruner, tokens, valid_mask=None, text=None, ratio=None, rule=None, tau=None, min_keep=None):
+def select_visual(pruner, tokens, valid_mask=None, text=None, ratio=None, rule=None, tau=None, min_keep=None,
+                  **pruner_kwargs):
     """The one scoring/selection path: ``pruner`` scores ``tokens`` [B, N, d] (``valid_mask`` [B, N] marks real
-    tokens; ``text`` [B, d] is the pooled question, read only by a question-aware pruner). A ``ratio`` without
-    a ``rule`` means top-k; ``min_keep`` (default: the pruner's) applies to this call. Tokens are cast to the
-    pruner's dtype outside autocast. Returns the pruner's :class:`vtp.PrunerOutput` (mask, logits, keep_prob)."""
+    tokens; ``text`` [B, d] is the pooled question, read only by a question-aware pruner; ``pruner_kwargs`` go
+    to the pruner as they are). A ``ratio`` without a ``rule`` means top-k; ``min_keep`` (default: the pruner's)
+    applies to this call. Tokens are cast to the pruner's dtype outside autocast. Returns the pruner's
+    :class:`vtp.PrunerOutput` (mask, logits, keep_prob)."""
     if rule is None and ratio is not None:
         rule = "topk"
     kwargs = {} if getattr(pruner, "text_dim", None) is None else {"text": text}
@@ -74,6 +76,7 @@ def select_visual(pruner, tokens, valid_mask=None, text=None, ratio=None, rule=N
     if param is not None and tokens.dtype != param.dtype and not torch.is_autocast_enabled(tokens.device.type):
         tokens = tokens.to(param.dtype)
         kwargs = {k: v.to(param.dtype) for k, v in kwargs.items()}
+    kwargs.update(pruner_kwargs)
     if min_keep is None:
         return pruner(tokens, valid_mask=valid_mask, tau=tau, ratio=ratio, rule=rule, **kwargs)
     previous, pruner.min_keep = pruner.min_keep, min_keep

@@ -23,6 +23,7 @@ from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForCo
                           Qwen2Config, SiglipVisionConfig)
 
 from .attention import policy_attention, remove_tokens
+from .patch import question_embedding, select_visual
 from .pruner import threshold_keep_mask, topk_keep_mask
 
 __all__ = ["VLMConfig", "PRESETS", "vlm_config", "build_llava", "num_visual_tokens", "count_parameters",
@@ -185,14 +186,10 @@ class PrunedVLM(nn.Module):
         return torch.stack(list(feats)) if isinstance(feats, (list, tuple)) else feats
 
     def question_embedding(self, embeds, visual_mask, attention_mask, labels=None) -> torch.Tensor:
-        """Mean input embedding ``[B, d]`` of each prompt's text tokens: not image placeholders, not padding and,
-        when ``labels`` are given, not the supervised (answer) tokens, so a pruner never reads the answer.
-        Detached: the pruner reads the embeddings, the language model owns them."""
-        text = ~visual_mask & attention_mask.bool()
-        if labels is not None:
-            text &= labels == -100
-        w = text.unsqueeze(-1).to(embeds.dtype)
-        return ((embeds * w).sum(1) / w.sum(1).clamp(min=1)).detach()
+        """Mean input embedding ``[B, d]`` of each prompt's text tokens (:func:`vtp.patch.question_embedding`, the
+        one that :func:`vtp.patch` uses): not image placeholders, not padding and, when ``labels`` are given, not the
+        supervised (answer) tokens, so a pruner never reads the answer. Detached."""
+        return question_embedding(embeds, visual_mask, attention_mask, labels)
 
     def _keep_mask(self, tokens, keep, scores, ratio, rule, tau, mode, text=None, prompt=None):
         """Visual keep mask [B, N] from (in order of precedence) ``keep``, ``scores`` or the pruner. A pruner
@@ -211,17 +208,17 @@ class PrunedVLM(nn.Module):
             return threshold_keep_mask(scores), None, None
         if self.pruner is None or mode == "none":
             return torch.ones(B, N, device=tokens.device), None, None
-        kwargs = {} if getattr(self.pruner, "text_dim", None) is None else {"text": text()}
-        if getattr(self.pruner, "reads_prompt", False):
-            kwargs["prompt"] = prompt()
-        out = self.pruner(tokens, tau=tau, ratio=ratio, rule=rule, **kwargs)
+        text = None if getattr(self.pruner, "text_dim", None) is None else text()
+        kwargs = {"prompt": prompt()} if getattr(self.pruner, "reads_prompt", False) else {}
+        out = select_visual(self.pruner, tokens, text=text, ratio=ratio, rule=rule, tau=tau, **kwargs)  # as vtp.patch
         return out.mask, out.keep_prob, out.logits
 
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, mode: str | None = None, keep: torch.Tensor | None = None,
                 scores: torch.Tensor | None = None, ratio: float | None = None, rule: str | None = None,
-                tau: float | None = None, image_index: torch.Tensor | None = None, **unused) -> PrunedVLMOutput:
-        """Run the pruned model. ``keep`` [B, N] (0/1) or ``scores`` [B, N] (top-k with ``ratio``, else
+                tau: float | None = None, image_index: torch.Tensor | None = None) -> PrunedVLMOutput:
+        """Run the pruned model. A ``ratio`` without a ``rule`` means top-k (the pruner's own rule applies only
+        when neither is given). ``keep`` [B, N] (0/1) or ``scores`` [B, N] (top-k with ``ratio``, else
         threshold 0.5) replace the pruner, e.g. for random or attention-based baselines. ``image_index`` [B]
         lets several questions share one image: sample ``b`` uses ``pixel_values[image_index[b]]`` (the vision
         tower runs once per image)."""
