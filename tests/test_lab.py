@@ -93,3 +93,11 @@ def test_lab_server_starts_and_leaves_git_status_unchanged(tmp_path):
     assert f"localhost:{port}/lab?token=" in out, out
     assert sorted(p.name for p in tmp_path.glob("*.ipynb")) == sorted(p.name for p in (ROOT / "notebooks").glob("*.ipynb"))
     assert _git_status() == before
+
+
+def test_environment_yml_points_to_the_readme_section_on_cpu_torch():
+    comment = " ".join(line for line in (ROOT / "environment.yml").read_text().splitlines() if line.startswith("#"))
+    section = comment.split('section "')[1].split('"')[0]
+    readme = (ROOT / "README.md").read_text()
+    body = readme.split(f"### {section}\n")[1].split("\n## ")[0].split("\n### ")[0]
+    assert "--index-url" in body and "conda" in body and "TORCH_INDEX_URL" in body
