@@ -3,13 +3,14 @@ trained CONCURRENTLY on one GPU, one subprocess each, inside one wall-clock budg
 
     python3 scripts/scenes_teacher_sweep.py --out DIR [--budget-s 480] [--configs a,b] [--smoke]
 
-Each worker generates its training pool (``pool_questions`` questions, ``questions_per_image`` per scene,
-the scenes' training seed) and the fixed test split of its scene configuration, trains through
+Each worker generates its training pool (``pool_images`` scenes with ``questions_per_image`` distinct questions
+each, the scenes' training seed, in forked processes) and the fixed test split of its scene configuration, trains through
 :func:`vtp.train.train_teacher` (``train_data=``) with a time budget that ends its cosine schedule
 ``EVAL_RESERVE_S`` before the deadline, then evaluates on the test split: overall and per family, the blind
 baseline (blank images), and 64 of 576 tokens kept by random pruning (3 seeds), the VisionZip-style selection
 and the evidence oracle. It writes ``DIR/<config>.json``; the driver writes ``DIR/summary.json`` (ranking, the
-best configuration, the issue's teacher goals as met / not met). At most 6 configurations: <= 7 files.
+best configuration, the issue's teacher goals as met / not met). Five configurations by default (``DEFAULT``;
+the GPU's throughput is shared, so fewer configurations train more steps each), at most 6: <= 7 files.
 
 Why these configurations: a pilot (4+4 layers, 256 wide, lr 5e-4, batch 128, 3 questions per image, 390 s)
 reached 66.8%, binding an attribute to a described object being the hard part and the loss still falling.
@@ -37,7 +38,7 @@ sys.path.insert(0, str(REPO))
 EVAL_RESERVE_S = {"full": 70.0, "smoke": 12.0}
 KEEP = 64 / 576  # the issue's tightest budget
 _BASE = {"model": {}, "scene": {}, "lr": 5e-4, "batch_size": 128, "questions_per_image": 4, "warmup_steps": 300,
-         "pool_questions": 96_000}
+         "pool_images": 24_000}
 CONFIGS = {
     "pilot_qpi4": {},
     "lr1e-3_b256": {"lr": 1e-3, "batch_size": 256, "questions_per_image": 8, "warmup_steps": 500},
@@ -48,6 +49,7 @@ CONFIGS = {
     "easy_scenes": {"scene": {"colors": ["red", "green", "blue", "yellow"], "sizes": [["small", 7], ["large", 11]],
                               "min_objects": 4, "max_objects": 7}},
 }
+DEFAULT = ("pilot_qpi4", "lr1e-3_b256", "deep6", "pilot_compiled", "easy_scenes")  # wide384: --configs
 SMOKE_SCENE = {"image_size": 64, "patch_size": 16, "sizes": [["small", 4], ["large", 6]], "min_objects": 2,
                "max_objects": 4, "max_count": 2}
 SMOKE_CONFIGS = {"smoke_a": {"lr": 2e-3}, "smoke_b": {"lr": 1e-3, "questions_per_image": 2}}
@@ -56,7 +58,7 @@ SMOKE_CONFIGS = {"smoke_a": {"lr": 2e-3}, "smoke_b": {"lr": 1e-3, "questions_per
 def _recipe(name: str, smoke: bool) -> dict:
     spec = {**_BASE, **(SMOKE_CONFIGS if smoke else CONFIGS)[name]}
     if smoke:
-        spec.update(scene={**SMOKE_SCENE, **spec["scene"]}, batch_size=16, warmup_steps=5, pool_questions=240)
+        spec.update(scene={**SMOKE_SCENE, **spec["scene"]}, batch_size=16, warmup_steps=5, pool_images=80)
     return spec
 
 
@@ -70,6 +72,36 @@ def _scene_cfg(spec: dict):
     if "sizes" in s:
         s["sizes"] = tuple(tuple(x) for x in s["sizes"])
     return SceneConfig(**s)
+
+
+def _shard(scene, n: int, k: int, per_image: int):
+    from vtp.scenes import generate_split
+
+    return generate_split("train", n, scene, seed=(0, k), questions_per_image=per_image)
+
+
+def _training_pool(spec: dict, scene, processes: int):
+    """``pool_images`` scenes with ``questions_per_image`` distinct questions each (the batches draw that many
+    per image), generated in shards of 2,000 questions by ``processes`` forked processes, then concatenated."""
+    import dataclasses
+    import multiprocessing
+
+    import torch
+
+    per_image = spec["questions_per_image"]
+    n = spec["pool_images"] * per_image
+    jobs = [(scene, min(2000, n - i), k, per_image) for k, i in enumerate(range(0, n, 2000))]
+    with multiprocessing.get_context("fork").Pool(processes) as pool:
+        parts = pool.starmap(_shard, jobs)
+    offsets = [0]
+    for p in parts[:-1]:
+        offsets.append(offsets[-1] + p.images.shape[0])
+    cat = lambda key: [x for p in parts for x in getattr(p, key)]  # noqa: E731
+    return dataclasses.replace(
+        parts[0], questions=cat("questions"), answers=cat("answers"), families=cat("families"),
+        evidence_objects=cat("evidence_objects"), objects=cat("objects"),
+        image_ids=torch.cat([p.image_ids + o for p, o in zip(parts, offsets)]),
+        evidence=torch.cat([p.evidence for p in parts]), images=torch.cat([p.images for p in parts]))
 
 
 def _evaluate(model, processor, test, device) -> dict:
@@ -100,16 +132,16 @@ def worker(name: str, out_dir: Path, deadline: float, smoke: bool) -> None:
     import torch
 
     from vtp.runtime import device_name
-    from vtp.scenes import encode_scenes, generate_split, scene_processor, scene_split
+    from vtp.scenes import encode_scenes, scene_processor, scene_split
     from vtp.train import TrainConfig, train_teacher
 
     spec = _recipe(name, smoke)
-    device = torch.device("cuda" if torch.cuda.is_available() and not smoke else "cpu")
     scene = _scene_cfg(spec)
     processor = scene_processor(scene)
-    pool = generate_split("train", spec["pool_questions"], scene, seed=0, questions_per_image=3)
+    pool = _training_pool(spec, scene, int(os.environ.get("OMP_NUM_THREADS", "1")))  # forks before CUDA starts
     test = scene_split("test", scene, 120 if smoke else None)
     gen_s = time.time() - t0
+    device = torch.device("cuda" if torch.cuda.is_available() and not smoke else "cpu")
     budget = deadline - EVAL_RESERVE_S["smoke" if smoke else "full"] - time.time()
     if budget < 5:
         raise RuntimeError(f"{name}: only {budget:.0f} s left for training after data generation")
@@ -139,7 +171,9 @@ def _summary(names, out_dir: Path, logs: dict, wall: float) -> dict:
             f.write_text(json.dumps(runs[n], indent=2))
     ok = {n: r for n, r in runs.items() if "test" in r}
     ranking = sorted(ok, key=lambda n: -ok[n]["test"]["accuracy"])
-    summary = {"wall_s": wall, "ranking": [(n, ok[n]["test"]["accuracy"]) for n in ranking],
+    summary = {"wall_s": wall, "ranking": [{"name": n, "accuracy": ok[n]["test"]["accuracy"], "steps": ok[n]["steps"],
+                                            "worst_family": min(ok[n]["test"]["per_family"].values()),
+                                            "random_64": ok[n]["random_64"]["mean"]} for n in ranking],
                "failed": sorted(set(runs) - set(ok))}
     if ranking:
         best = ok[ranking[0]]
@@ -167,7 +201,7 @@ def main(argv=None) -> None:
     if a.worker:
         return worker(a.worker, out, a.deadline, a.smoke)
     table = SMOKE_CONFIGS if a.smoke else CONFIGS
-    names = a.configs.split(",") if a.configs else list(table)
+    names = a.configs.split(",") if a.configs else list(table if a.smoke else DEFAULT)
     if not names or len(names) > 6 or any(n not in table for n in names):
         p.error(f"--configs must name 1 to 6 of {list(table)}, got {a.configs!r}")
     budget = a.budget_s or (45.0 if a.smoke else 480.0)
