@@ -19,7 +19,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from . import train
+from . import distributed, train
 from .pruner import check_ratio
 
 __all__ = ["main", "build_parser"]
@@ -121,6 +121,8 @@ def _check_paths(p: argparse.ArgumentParser, args) -> None:
 
 def _teacher(args, cfg) -> None:
     model, processor, history = train.train_teacher(cfg)
+    if not distributed.is_main():  # under torchrun: rank 0 evaluates, prints and saves
+        return
     res = train.accuracy(model, train.load_split("test"), processor)
     print(json.dumps({"test_accuracy": res.accuracy, "per_type": res.per_type, "device": history["device"],
                       "train_time_s": history["train_time_s"], "steps": history["steps_done"],
@@ -134,6 +136,8 @@ def _teacher(args, cfg) -> None:
 def _pruner(args, cfg) -> None:
     teacher, processor, _ = train.load_or_train_teacher(args.mode)
     student, history = train.train_pruner(teacher, processor, cfg, checkpoint=args.checkpoint)
+    if not distributed.is_main():  # under torchrun: rank 0 evaluates, prints and saves
+        return
     test = train.encode_split(train.load_split("test"), processor, next(student.parameters()).device)
     res = train.accuracy(student, test, processor, ratio=cfg.target_ratio)
     summary = {"ratio": cfg.target_ratio, "seed": cfg.seed, "test_accuracy": res.accuracy, "per_type": res.per_type,
@@ -153,6 +157,7 @@ def main(argv=None) -> None:
     p = build_parser().commands[args.what]  # errors print the sub-command's usage
     cfg = _recipe(p, args)
     _check_paths(p, args)
+    distributed.setup()  # under torchrun (several processes): process group, this rank's GPU
     (_teacher if args.what == "teacher" else _pruner)(args, cfg)
 
 

@@ -26,6 +26,8 @@ from numbers import Real
 import torch
 import torch.nn.functional as F
 
+from .distributed import rows_of_global_draw
+
 __all__ = [
     "TAU_MIN",
     "check_tau",
@@ -78,7 +80,8 @@ def sample_keep_mask(logits: torch.Tensor, tau: float, hard: bool = True) -> tor
     """
     _check_two_logits(logits)
     tau = check_tau(tau)
-    y = F.gumbel_softmax(logits.float(), tau=tau, hard=hard, dim=-1)
+    # data-parallel training: noise drawn for the global batch, this rank's rows kept (vtp.distributed)
+    y = rows_of_global_draw(F.gumbel_softmax, logits.float(), tau=tau, hard=hard, dim=-1)
     return y[..., 1]
 
 

@@ -47,4 +47,5 @@ def device_name(device=None) -> str:
 def progress(iterable=None, **kwargs):
     """``tqdm.auto`` progress bar, disabled when ``VTP_PROGRESS=0``."""
     disable = os.environ.get("VTP_PROGRESS", "1").strip() in ("0", "false", "no", "off")
-    return tqdm(iterable, disable=disable or kwargs.pop("disable", False), **kwargs)
+    off = kwargs.pop("disable", False)  # popped first: `disable or kwargs.pop(...)` may skip the pop
+    return tqdm(iterable, disable=disable or off, **kwargs)

@@ -34,6 +34,7 @@ from transformers.utils import logging as hf_logging
 from .data import VQAProcessor, build_processor, encode_split, iterate_batches, iterate_image_batches, load_split
 from .evaluate import accuracy, autocast
 import torch.nn.functional as F
+from . import distributed
 from .runtime import default_device, device_name, progress, run_mode
 from .vlm import PrunedVLM, build_llava, count_parameters, vlm_config
 from .pretrained import PRETRAINED_DIR, file_sha256, load_pretrained_teacher
@@ -215,9 +216,13 @@ def train_teacher(cfg: TrainConfig | str | None = None, device=None, processor: 
     ``train_data`` (an :class:`vtp.data.EncodedSplit`, e.g. :func:`vtp.scenes.encode_scenes`) replaces easy-VQA's
     training questions; it needs the ``processor`` that encoded it, and ``val_data`` when ``eval_every`` > 0."""
     cfg = teacher_config(cfg) if cfg is None or isinstance(cfg, str) else cfg
+    distributed.setup()  # under torchrun: one process per device, each on its slice of the global batch
+    distributed.check_batch(cfg.batch_size, group=cfg.questions_per_image)
     if train_data is not None and (processor is None or (cfg.eval_every and val_data is None)):
         raise ValueError("train_data needs the processor that encoded it (and val_data when eval_every > 0)")
     device = torch.device(device) if device is not None else default_device()
+    if distributed.is_distributed():
+        device = distributed.local_device()
     mcfg = vlm_config(cfg.model, **cfg.model_overrides)
     n_tokens = (mcfg.image_size // mcfg.patch_size) ** 2
     if processor is None:
@@ -233,19 +238,21 @@ def train_teacher(cfg: TrainConfig | str | None = None, device=None, processor: 
         data = encode_split(train, processor, device)
     else:
         data = train_data.to(device)
-    if cfg.eval_every and val_data is None:
+    if cfg.eval_every and val_data is None and distributed.is_main():  # rank 0 validates
         val_data = encode_split(load_split("val"), processor, device)
     opt = _optimizer(model, cfg)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     history = {"step": [], "loss": [], "lr": [], "val": [], "device": device_name(device),
                "config": dataclasses.asdict(cfg), "parameters": count_parameters(model)}
-    batches = iterate_image_batches(data, processor, cfg.batch_size // cfg.questions_per_image,
-                                    cfg.questions_per_image, gen, cfg.augment)
+    history["world_size"] = distributed.world_size()
+    batches = distributed.shard_batches(iterate_image_batches(data, processor, cfg.batch_size // cfg.questions_per_image,
+                                                              cfg.questions_per_image, gen, cfg.augment))
     vlm = PrunedVLM(model)  # no pruner: the plain model, vision tower once per image
+    net = distributed.wrap(vlm)  # DistributedDataParallel under torchrun: gradients averaged over the ranks
 
     def batch_loss(batch):
         with autocast(device, cfg.bf16):
-            logits = vlm(batch["input_ids"], batch["pixel_values"], batch["attention_mask"], mode="none",
+            logits = net(batch["input_ids"], batch["pixel_values"], batch["attention_mask"], mode="none",
                          image_index=batch["image_index"]).logits
         return _answer_loss(logits, batch["labels"])
 
@@ -255,10 +262,12 @@ def train_teacher(cfg: TrainConfig | str | None = None, device=None, processor: 
     history["compiled"] = compiled
     model.train()
     start = time.perf_counter()
-    bar = progress(total=cfg.steps, desc="teacher", leave=False)
+    bar = progress(total=cfg.steps, desc="teacher", leave=False, disable=not distributed.is_main())
     step = 0
     while step < cfg.steps:
         elapsed = time.perf_counter() - start
+        if cfg.time_budget_s:  # one clock, rank 0's, decides when every rank stops
+            elapsed = distributed.broadcast_float(elapsed)
         frac = max(step / cfg.steps, elapsed / cfg.time_budget_s if cfg.time_budget_s else 0.0)
         if frac >= 1.0:
             break
@@ -268,7 +277,7 @@ def train_teacher(cfg: TrainConfig | str | None = None, device=None, processor: 
         batch = next(batches)
         loss = step_loss(batch)
         if step % cfg.log_every == 0:  # .item() waits for the GPU: not every step
-            value = loss.item()
+            value = distributed.mean_over_ranks(loss.detach()).item()  # the global batch's loss
             if not math.isfinite(value):
                 raise FloatingPointError(
                     f"train_teacher: the loss is {value} at step {step} (lr {lr:.2e}); "
@@ -283,7 +292,8 @@ def train_teacher(cfg: TrainConfig | str | None = None, device=None, processor: 
         step += 1
         bar.update(1)
         if cfg.eval_every and step % cfg.eval_every == 0:
-            acc = accuracy(model, val_data, processor, max_questions=cfg.eval_questions, bf16=cfg.bf16).accuracy
+            acc = distributed.on_main(  # computed on rank 0, sent to all
+                lambda: accuracy(model, val_data, processor, max_questions=cfg.eval_questions, bf16=cfg.bf16).accuracy)
             history["val"].append((step, acc))
             model.train()
     bar.close()
@@ -630,7 +640,11 @@ def train_pruner(teacher, processor: VQAProcessor, cfg: PrunerConfig | str | Non
         raise ValueError("student is given, so only phase 2 runs: cfg.adapt_steps must be > 0, got 0")
     if not (isinstance(checkpoint_every, int) and checkpoint_every >= 1):
         raise ValueError(f"checkpoint_every must be an int >= 1, got {checkpoint_every!r}")
+    distributed.setup()  # under torchrun: one process per device, each on its slice of the global batch
+    distributed.check_batch(cfg.batch_size)
     device = torch.device(device) if device is not None else next(teacher.parameters()).device
+    if distributed.is_distributed():
+        device = distributed.local_device()
     torch.manual_seed(cfg.seed)
     teacher = teacher.to(device).eval()
     for p in teacher.parameters():
@@ -645,7 +659,7 @@ def train_pruner(teacher, processor: VQAProcessor, cfg: PrunerConfig | str | Non
     if cfg.train_questions is not None and cfg.train_questions < len(train):
         train = train.subset(cfg.train_questions, seed=cfg.seed)
     data = encode_split(train, processor, device)
-    if cfg.eval_every and val_data is None:
+    if cfg.eval_every and val_data is None and distributed.is_main():  # rank 0 validates
         val_data = encode_split(load_split("val"), processor, device)
     vision = {id(p) for p in _vision_parameters(vlm.llava)}
     groups = [{"params": list(vlm.pruner.parameters()), "lr": cfg.pruner_lr},
@@ -659,7 +673,7 @@ def train_pruner(teacher, processor: VQAProcessor, cfg: PrunerConfig | str | Non
             "keep_ratio", "keep_prob", "saturated", "train_acc", "mask_binary", "multiplier")
     history = {k: [] for k in keys}
     history.update(val=[], device=device_name(device), config=dataclasses.asdict(cfg))
-    batches = _batches_forever(data, processor, cfg, gen)
+    batches = distributed.shard_batches(_batches_forever(data, processor, cfg, gen))  # global batch, this rank's rows
     best = dict(step=None, accuracy=-1.0, state=None)  # phase 2's best validation so far (model selection)
     run = dict(vlm=vlm, opt=opt, sched=sched, controller=controller, best=best)
     total, done, elapsed = phase1 + cfg.adapt_steps, 0, 0.0
@@ -667,20 +681,24 @@ def train_pruner(teacher, processor: VQAProcessor, cfg: PrunerConfig | str | Non
         done, elapsed, history = _resume(checkpoint, cfg, device, batches, **run)
 
     def save(step_done):
-        if checkpoint is not None and (step_done % checkpoint_every == 0 or step_done == total):
+        if checkpoint is not None and distributed.is_main() and (step_done % checkpoint_every == 0 or step_done == total):
             _save_run(checkpoint, cfg, device, step_done, elapsed + time.perf_counter() - start, history, **run)
 
     def validate(step, phase, rule=cfg.eval_rule):
-        res = accuracy(vlm, val_data, processor, ratio=cfg.target_ratio if rule == "topk" else None,
-                       rule=rule, max_questions=cfg.eval_questions, bf16=cfg.bf16)
-        history["val"].append(dict(step=step, phase=phase, rule=rule, accuracy=res.accuracy, keep_ratio=res.keep_ratio))
-        if callback is not None:
+        def run():
+            res = accuracy(vlm, val_data, processor, ratio=cfg.target_ratio if rule == "topk" else None,
+                           rule=rule, max_questions=cfg.eval_questions, bf16=cfg.bf16)
+            return dict(step=step, phase=phase, rule=rule, accuracy=res.accuracy, keep_ratio=res.keep_ratio)
+        history["val"].append(distributed.on_main(run))  # rank 0 validates, every rank gets the result
+        if callback is not None and distributed.is_main():
             callback(step, history)
 
+    net = distributed.wrap(vlm)  # DistributedDataParallel under torchrun: gradients averaged over the ranks
     vlm.train()
     vlm.llava.model.vision_tower.eval()
     start = time.perf_counter()
-    bar = progress(range(min(done, phase1), phase1), desc=f"pruner @ {cfg.target_ratio:g}", leave=False)
+    bar = progress(range(min(done, phase1), phase1), desc=f"pruner @ {cfg.target_ratio:g}", leave=False,
+                   disable=not distributed.is_main())
     for step in bar:
         batch = next(batches)
         tau = get_temperature(step, cfg.steps, cfg.max_temp, cfg.min_temp, cfg.temp_schedule)
@@ -693,7 +711,8 @@ def train_pruner(teacher, processor: VQAProcessor, cfg: PrunerConfig | str | Non
             if cfg.distill_weight > 0:
                 with torch.no_grad():
                     teacher_logits = teacher_vlm(*inputs, mode="none").logits
-            out = vlm(*inputs, mode=cfg.apply, tau=tau)
+            with distributed.global_noise(cfg.batch_size):  # Gumbel noise of the global batch, this rank's rows
+                out = net(*inputs, mode=cfg.apply, tau=tau)
         prob, mask, vmask = _sparsity_inputs(out, cfg, batch["attention_mask"])
         try:
             loss, parts = loss_fn(out.logits, out.labels, prob, keep_mask=mask, visual_mask=vmask,
@@ -706,7 +725,7 @@ def train_pruner(teacher, processor: VQAProcessor, cfg: PrunerConfig | str | Non
             controller.target_ratio = target
             kept = visual_keep_ratio(mask if cfg.sparsity_on == "mask" else prob, vmask)
             loss = loss + controller.penalty(kept)
-            controller.update(visual_keep_ratio(mask.detach(), vmask))
+            controller.update(distributed.mean_over_ranks(visual_keep_ratio(mask.detach(), vmask)))  # global batch
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], cfg.grad_clip)
@@ -724,6 +743,8 @@ def train_pruner(teacher, processor: VQAProcessor, cfg: PrunerConfig | str | Non
                            mask_binary=bool(((vk == 0) | (vk == 1)).all()),
                            multiplier=controller.multiplier if controller is not None else 0.0)
                 row.update({k: parts[k] for k in ("ce", "distill", "sparsity", "binarize", "total", "keep_prob")})
+                shared = ("step", "tau", "sparsity_weight", "target", "multiplier")  # the same on every rank
+                row.update(distributed.mean_over_ranks({k: row[k] for k in keys if k not in shared}))  # global batch
             for k in keys:
                 history[k].append(row[k])
             bar.set_postfix(keep=f"{row['keep_ratio']:.3f}", acc=f"{row['train_acc']:.3f}")
@@ -737,7 +758,8 @@ def train_pruner(teacher, processor: VQAProcessor, cfg: PrunerConfig | str | Non
         validate(phase1, "gumbel", "sample")
     if cfg.adapt_steps:
         _adapt_to_rule(vlm, teacher_vlm, loss_fn, opt, batches, cfg, history, validate, start=phase1,
-                       warmup=0 if phase1 else cfg.warmup_steps, first=max(0, done - phase1), save=save, best=best)
+                       warmup=0 if phase1 else cfg.warmup_steps, first=max(0, done - phase1), save=save, best=best,
+                       net=net)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     history["train_time_s"] = elapsed + time.perf_counter() - start
@@ -776,7 +798,7 @@ def _resume(path, cfg: PrunerConfig, device, batches, vlm, opt, sched, controlle
 
 
 def _adapt_to_rule(vlm, teacher_vlm, loss_fn, opt, batches, cfg: PrunerConfig, history, validate, start: int,
-                   warmup: int, best: dict, first: int = 0, save=None):
+                   warmup: int, best: dict, first: int = 0, save=None, net=None):
     r"""Phase 2 of :func:`train_pruner` (``cfg.adapt_steps`` > 0): the vision side and (unless
     ``cfg.adapt_pruner``) the pruner frozen, the language model trained on the deployment masks
     (``cfg.eval_rule`` at ``cfg.target_ratio``, or cycling through ``cfg.adapt_ratios``, applied as
@@ -785,7 +807,9 @@ def _adapt_to_rule(vlm, teacher_vlm, loss_fn, opt, batches, cfg: PrunerConfig, h
     (default ``lm_lr``) and ``pruner_lr`` on a cosine to ``min_lr_ratio``. Steps are numbered from ``start``;
     a resumed run begins at step ``first`` of the phase. Logs ``history["adapt"]``; ``save(steps done)`` after
     each step. ``best`` (a dict: step, accuracy, state) tracks the best validation; the phase ends in that
-    state, recorded in ``history["adapt_best"]``."""
+    state, recorded in ``history["adapt_best"]``. ``net`` = ``vlm`` as wrapped for data-parallel training
+    (:func:`vtp.distributed.wrap`; frozen parameters then simply get no gradient), default ``vlm``."""
+    net = vlm if net is None else net
     for p in _vision_parameters(vlm.llava):
         p.requires_grad_(False)
     pruner, train_pruner_too = vlm.pruner, cfg.adapt_pruner and cfg.eval_rule == "topk"
@@ -796,7 +820,8 @@ def _adapt_to_rule(vlm, teacher_vlm, loss_fn, opt, batches, cfg: PrunerConfig, h
     keys = ("step", "lr", "ce", "distill", "sparsity", "total", "keep_ratio", "keep_prob", "train_acc")
     log = history["adapt"] = history["adapt"] if first else {k: [] for k in keys}
     budgets = cfg.adapt_ratios or (cfg.target_ratio,)
-    bar = progress(range(first, cfg.adapt_steps), desc=f"adapt @ {'/'.join(f'{r:g}' for r in budgets)}", leave=False)
+    bar = progress(range(first, cfg.adapt_steps), desc=f"adapt @ {'/'.join(f'{r:g}' for r in budgets)}", leave=False,
+                   disable=not distributed.is_main())
     for i in bar:
         target = budgets[(i + i // len(budgets)) % len(budgets)]  # block b of the cycle: rotated by b
         f = cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * i / cfg.adapt_steps))
@@ -808,7 +833,7 @@ def _adapt_to_rule(vlm, teacher_vlm, loss_fn, opt, batches, cfg: PrunerConfig, h
         with autocast(next(vlm.parameters()).device, cfg.bf16):
             with torch.no_grad():
                 teacher_logits = teacher_vlm(*inputs, mode="none").logits if cfg.distill_weight > 0 else None
-            out = vlm(*inputs, mode=cfg.apply, ratio=target if cfg.eval_rule == "topk" else None, rule=cfg.eval_rule,
+            out = net(*inputs, mode=cfg.apply, ratio=target if cfg.eval_rule == "topk" else None, rule=cfg.eval_rule,
                       tau=1.0)
         try:
             loss, parts = loss_fn(out.logits, out.labels, out.keep_prob, keep_mask=out.visual_keep,
@@ -827,6 +852,7 @@ def _adapt_to_rule(vlm, teacher_vlm, loss_fn, opt, batches, cfg: PrunerConfig, h
                 acc = (logits.argmax(-1) == answers).float().mean().item()
             row = dict(step=start + i, lr=bases[1] * f, train_acc=acc,
                        **{k: parts[k] for k in ("ce", "distill", "sparsity", "total", "keep_ratio", "keep_prob")})
+            row.update(distributed.mean_over_ranks({k: row[k] for k in keys[2:]}))  # global batch's values
             for k in keys:
                 log[k].append(row[k])
             bar.set_postfix(acc=f"{acc:.3f}")
