@@ -104,26 +104,38 @@ def _training_pool(spec: dict, scene, processes: int):
         evidence=torch.cat([p.evidence for p in parts]), images=torch.cat([p.images for p in parts]))
 
 
-def _evaluate(model, processor, test, device) -> dict:
-    """Test accuracy unpruned, blind, and at 64/576 kept tokens (random x3, VisionZip-style, evidence oracle)."""
+def _evaluate(model, processor, test, device, result: dict, save) -> None:
+    """Into ``result`` (saved after each entry, so that a worker stopped at the hard limit keeps what it has):
+    test accuracy unpruned, blind, and at 64/576 kept tokens (random x3, VisionZip-style, evidence oracle),
+    with each method's evidence recall per family."""
     import torch
 
-    from vtp.baselines import VisionZip, evidence_oracle, keep_by_scores, random_scores
-    from vtp.scenes import encode_scenes, scene_accuracy
+    from vtp.baselines import VisionZip, evidence_oracle, evidence_recall, keep_by_scores, keep_masks, random_scores
+    from vtp.scenes import FAMILIES, encode_scenes, scene_accuracy
 
     enc = encode_scenes(test, processor, device)
     run = lambda **kw: scene_accuracy(model, test, processor, encoded=enc, batch_size=256, **kw)  # noqa: E731
     full = run()
-    out = {"test": {"accuracy": full.accuracy, "per_family": full.per_type, "n": full.n}}
+    result["test"] = {"accuracy": full.accuracy, "per_family": full.per_type, "n": full.n}
+    save()
     blank = scene_accuracy(model, test.blank(), processor, batch_size=256)
-    out["blank"] = {"accuracy": blank.accuracy, "per_family": blank.per_type}
-    rnd = [run(keep_fn=keep_by_scores(random_scores, KEEP, generator=torch.Generator().manual_seed(s))).accuracy
-           for s in range(3)]
-    out["random_64"] = {"seeds": rnd, "mean": sum(rnd) / 3}
-    for key, fn in (("visionzip_64", VisionZip(KEEP)), ("evidence_oracle_64", evidence_oracle(test.evidence, KEEP))):
-        r = run(keep_fn=fn)
-        out[key] = {"accuracy": r.accuracy, "per_family": r.per_type, "visual_tokens": r.visual_tokens}
-    return out
+    result["blank"] = {"accuracy": blank.accuracy, "per_family": blank.per_type}
+    save()
+    rnd = lambda seed: keep_by_scores(random_scores, KEEP, generator=torch.Generator().manual_seed(seed))  # noqa: E731
+    accs = [run(keep_fn=rnd(seed)).accuracy for seed in range(3)]
+    result["random_64"] = {"seeds": accs, "mean": sum(accs) / 3}
+    save()
+    fam = torch.tensor([FAMILIES.index(f) for f in test.families])
+    peers = {"random_64": rnd(0), "visionzip_64": VisionZip(KEEP),
+             "evidence_oracle_64": evidence_oracle(test.evidence, KEEP)}
+    for key, fn in peers.items():
+        if key != "random_64":
+            r = run(keep_fn=fn)
+            result[key] = {"accuracy": r.accuracy, "per_family": r.per_type, "visual_tokens": r.visual_tokens}
+        recall = evidence_recall(keep_masks(fn, model, enc, processor), test.evidence)
+        result[key]["evidence_recall"] = {f: recall[fam == i].mean().item() for i, f in enumerate(FAMILIES)
+                                          if (fam == i).any()}
+        save()
 
 
 def worker(name: str, out_dir: Path, deadline: float, smoke: bool) -> None:
@@ -137,8 +149,8 @@ def worker(name: str, out_dir: Path, deadline: float, smoke: bool) -> None:
 
     spec = _recipe(name, smoke)
     scene = _scene_cfg(spec)
-    processor = scene_processor(scene)
     pool = _training_pool(spec, scene, int(os.environ.get("OMP_NUM_THREADS", "1")))  # forks before CUDA starts
+    processor = scene_processor(scene)
     test = scene_split("test", scene, 120 if smoke else None)
     gen_s = time.time() - t0
     device = torch.device("cuda" if torch.cuda.is_available() and not smoke else "cpu")
@@ -154,9 +166,10 @@ def worker(name: str, out_dir: Path, deadline: float, smoke: bool) -> None:
               "steps": hist["steps_done"], "train_time_s": hist["train_time_s"], "data_gen_s": gen_s,
               "pool": {"questions": len(pool), "images": int(pool.images.shape[0])},
               "loss_curve": list(zip(hist["step"], hist["loss"]))[:: max(1, len(hist["step"]) // 40)]}
-    result.update(_evaluate(model, processor, test, device))
-    result["wall_s"] = time.time() - t0
-    (out_dir / f"{name}.json").write_text(json.dumps(result, indent=2))
+    path = out_dir / f"{name}.json"
+    save = lambda: path.write_text(json.dumps({**result, "wall_s": time.time() - t0}, indent=2))  # noqa: E731
+    save()
+    _evaluate(model, processor, test, device, result, save)
 
 
 def _summary(names, out_dir: Path, logs: dict, wall: float) -> dict:
@@ -169,7 +182,7 @@ def _summary(names, out_dir: Path, logs: dict, wall: float) -> dict:
             tail = logs[n].read_text()[-3000:] if logs[n].exists() else ""
             runs[n] = {"name": n, "error": tail}
             f.write_text(json.dumps(runs[n], indent=2))
-    ok = {n: r for n, r in runs.items() if "test" in r}
+    ok = {n: r for n, r in runs.items() if "random_64" in r}  # trained and evaluated at least that far
     ranking = sorted(ok, key=lambda n: -ok[n]["test"]["accuracy"])
     summary = {"wall_s": wall, "ranking": [{"name": n, "accuracy": ok[n]["test"]["accuracy"], "steps": ok[n]["steps"],
                                             "worst_family": min(ok[n]["test"]["per_family"].values()),
@@ -211,7 +224,8 @@ def main(argv=None) -> None:
     deadline = t0 + budget - 10  # workers finish by here; the driver then writes the summary
     logs = {n: Path(tempfile.mkdtemp(prefix="scenes_sweep_")) / f"{n}.log" for n in names}
     threads = max(1, (os.cpu_count() or 2) // len(names))
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "VTP_PROGRESS": "0", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "VTP_PROGRESS": "0", "PYTHONUNBUFFERED": "1",
+           "TOKENIZERS_PARALLELISM": "false"}
     procs = {}
     for n in names:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", n, "--out", str(out),

@@ -4,7 +4,7 @@ evidence oracle's order, evidence recall; the "scenes" preset gives 576 tokens w
 import pytest
 import torch
 
-from vtp.baselines import VisionZip, cls_attention, evidence_oracle, evidence_recall, merge_tokens
+from vtp.baselines import VisionZip, cls_attention, evidence_oracle, evidence_recall, keep_masks, merge_tokens
 from vtp.evaluate import accuracy
 from vtp.vlm import PrunedVLM, build_llava, num_visual_tokens
 
@@ -145,3 +145,26 @@ def test_scenes_preset_has_576_tokens_and_a_cls_row():
     assert num_visual_tokens(llava) == 576
     att, _ = cls_attention(PrunedVLM(llava), torch.zeros(1, 3, 192, 192))
     assert att.shape == (1, 576) and bool((att > 0).all())
+
+
+def test_keep_masks_and_recall_over_a_split():
+    from vtp.baselines import keep_by_scores, random_scores
+    from vtp.scenes import SceneConfig, encode_scenes, generate_split, scene_processor
+
+    tiny = SceneConfig(image_size=64, patch_size=16, sizes=(("small", 4), ("large", 6)), min_objects=2,
+                       max_objects=4, max_count=2)
+    split = generate_split("val", 10, tiny)
+    proc = scene_processor(tiny)
+    model = build_llava("smoke", vocab_size=proc.vocab_size, image_token_id=proc.image_token_id,
+                        pad_token_id=proc.pad_token_id).eval()
+    enc = encode_scenes(split, proc)
+    full = keep_masks(evidence_oracle(split.evidence, 1.0), model, enc, proc, batch_size=3)
+    assert full.shape == (10, 16) and full.all()
+    oracle = keep_masks(evidence_oracle(split.evidence, 4 / 16), model, enc, proc, batch_size=3)
+    small = split.evidence.sum(-1) <= 4  # evidence within the budget is kept whole
+    assert torch.all(evidence_recall(oracle, split.evidence)[small] == 1.0)
+    rnd = keep_masks(keep_by_scores(random_scores, 4 / 16, generator=torch.Generator().manual_seed(0)), model, enc,
+                     proc, batch_size=3)
+    assert torch.all(evidence_recall(rnd, split.evidence) <= evidence_recall(oracle, split.evidence) + 1e-6)
+    vz = VisionZip(4 / 16)
+    assert keep_masks(vz, model, enc, proc, batch_size=3).sum(-1).eq(4).all() and vz._hook is None

@@ -30,7 +30,7 @@ from .attention import policy_attention
 from .pruner import check_ratio, topk_keep_mask
 
 __all__ = ["random_scores", "fastv_scores", "object_scores", "keep_by_scores", "BASELINES", "cls_attention",
-           "merge_tokens", "VisionZip", "evidence_oracle", "evidence_recall"]
+           "merge_tokens", "VisionZip", "evidence_oracle", "evidence_recall", "keep_masks"]
 
 
 def random_scores(batch, vlm, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -202,13 +202,17 @@ class VisionZip:
         index = batch.get("image_index")
         return keep if index is None else keep[index]
 
-    def _merge_next_forward(self, vlm, assign):
+    def discard(self) -> None:
+        """Drop a merge still waiting for a forward pass (after calling this only for its keep mask)."""
         if self._hook is not None:
             self._hook.remove()
+            self._hook = None
+
+    def _merge_next_forward(self, vlm, assign):
+        self.discard()
 
         def hook(module, args):
-            self._hook.remove()
-            self._hook = None
+            self.discard()
             return (merge_tokens(args[0], assign),) + tuple(args[1:])
 
         self._hook = vlm.llava.model.multi_modal_projector.register_forward_pre_hook(hook)
@@ -245,3 +249,26 @@ def evidence_recall(keep_mask: torch.Tensor, evidence_mask: torch.Tensor) -> tor
     if not bool((n > 0).all()):
         raise ValueError("evidence_mask: every question needs at least one evidence patch")
     return (keep_mask.bool() & ev).sum(-1).float() / n.float()
+
+
+@torch.no_grad()
+def keep_masks(keep_fn, model, data, processor, batch_size: int = 256) -> torch.Tensor:
+    """The keep masks bool [Q, N] (CPU) that ``keep_fn`` chooses for every question of ``data`` (an
+    :class:`vtp.data.EncodedSplit`), in split order, without running the language model: with
+    :func:`evidence_recall` it says which evidence each method keeps."""
+    from .data import iterate_batches
+    from .vlm import PrunedVLM
+
+    vlm = model if isinstance(model, PrunedVLM) else PrunedVLM(model)
+    data = data.to(next(vlm.parameters()).device)
+    was_training = vlm.training
+    vlm.eval()
+    out = []
+    try:
+        for batch in iterate_batches(data, processor, batch_size):
+            out.append(keep_fn(batch, vlm).bool().cpu())
+            if hasattr(keep_fn, "discard"):  # no forward follows: a VisionZip merge must not wait for one
+                keep_fn.discard()
+    finally:
+        vlm.train(was_training)
+    return torch.cat(out)
