@@ -166,7 +166,7 @@ def _reference_keep(model, pruner, embeds, ids, ratio):
     p = vtp.keep_probability(pruner.score(embeds[:, visual]))[0]
     k = max(1, round(ratio * p.numel()))
     keep = torch.ones_like(visual)
-    keep[visual.nonzero()[:, 0]] = torch.zeros_like(p, dtype=torch.bool).scatter(0, p.argsort(descending=True)[:k], True)
+    keep[visual.nonzero()[:, 0]] = torch.zeros_like(p, dtype=torch.bool).scatter(0, p.argsort(descending=True, stable=True)[:k], True)
     return keep
 
 
@@ -316,6 +316,8 @@ def test_bad_input_raises():
         patch(model.model.language_model, pruner)
     with pytest.raises(ValueError, match=r"hidden_dim=48.*hidden size 64"):
         patch(model, GumbelVisionPruner(48))
+    with pytest.raises(ValueError, match=r"text_dim=16.*64"):
+        patch(model, GumbelVisionPruner(64, text_dim=16))
     for bad in (0.0, 1.5, -1, "half"):
         with pytest.raises(ValueError, match="ratio"):
             patch(model, pruner, ratio=bad)
@@ -344,10 +346,14 @@ def test_readme_snippet_runs():
     assert scope["tokens"].shape == (1, 22)
 
 
-def test_prunedvlm_shares_the_selection_and_rejects_unknown_arguments():
-    """PrunedVLM and the patched model select through the same function: same kept tokens, same logits."""
+@pytest.mark.parametrize("text_dim", [None, 64])
+def test_prunedvlm_shares_the_selection_and_rejects_unknown_arguments(text_dim):
+    """PrunedVLM and the patched model select through the same function: same kept tokens, same logits (also for
+    a question-aware pruner, which reads the pooled question)."""
     model = make_model("llava")
-    pruner = make_pruner(model).eval()  # its own rule is the threshold: a ratio alone must still mean top-k
+    pruner = make_pruner(model, text_dim=text_dim).eval()  # its own rule is the threshold: a ratio alone = top-k
+    if text_dim:
+        torch.nn.init.normal_(pruner.text_proj.weight, std=0.5)  # each question keeps other tokens
     vlm = vtp.PrunedVLM(model, pruner).eval()
     inputs = make_inputs("llava", side="right")
     args = inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"]

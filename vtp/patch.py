@@ -170,6 +170,10 @@ def patch(model, pruner: nn.Module, ratio: float = 0.25, rule: str = "topk", min
     if getattr(pruner, "hidden_dim", width) != width:
         raise ValueError(f"pruner.hidden_dim={pruner.hidden_dim} does not match the model's language-model hidden "
                          f"size {width}")
+    text_dim = getattr(pruner, "text_dim", None)
+    if text_dim not in (None, width):
+        raise ValueError(f"pruner.text_dim={text_dim} does not match the width {width} of the model's input embeddings "
+                         f"(the pooled question a question-aware pruner reads)")
     if getattr(model, "_vtp", None) is not None:
         unpatch(model)
     p = _Patch(model)
