@@ -9,7 +9,8 @@ selection's own contribution (:func:`vtp.stats.paired_effect` gives its mean and
 
 :func:`train_and_evaluate` is one lesson-07 job for :func:`vtp.sweep.run_jobs`: phase 1, then phase 2 over the
 budgets from it (and optionally a phase 2 at one ratio alone, from the same phase-1 model), each evaluated
-with real removal on the test split.
+with real removal on the test split; :func:`evaluate_training_free` tests the training-free baselines on the
+frozen teacher; :func:`lesson07_job` runs either, so that one :func:`vtp.sweep.run_jobs` call runs them all.
 """
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ from torch import nn
 from .baselines import fastv_scores
 from .pruner import PrunerOutput, check_ratio, topk_keep_mask
 
-__all__ = ["SELECTORS", "FrozenSelector", "train_and_evaluate", "load_student"]
+__all__ = ["SELECTORS", "FrozenSelector", "train_and_evaluate", "evaluate_training_free", "lesson07_job",
+           "load_student"]
 
 SELECTORS = ("untrained", "fastv", "random")
 
@@ -163,10 +165,7 @@ def train_and_evaluate(seed: int, selector: str = "learned", mode: str | None = 
     cfg1 = pruner_recipe(shared, seed, mode, **{**over, "adapt_steps": 0, "selector": selector})
     cfg2 = pruner_recipe(shared, seed, mode, **{"adapt_ratios": ratios, **over, "selector": selector})
     val = encode_split(load_split("val"), processor, device)
-    test = load_split("test")
-    if test_questions is not None and test_questions < len(test):
-        test = test.subset(test_questions, seed=0)
-    test = encode_split(test, processor, device)
+    test = _test_split(processor, device, test_questions)
 
     phase1, h1 = train_pruner(teacher, processor, cfg1, val_data=val)
     model, h2 = train_pruner(teacher, processor, cfg2, val_data=val, student=phase1)
@@ -206,3 +205,55 @@ def load_student(teacher, config: dict, path):
     student = _student(teacher, cfg)
     student.load_state_dict(torch.load(path, map_location=device, weights_only=True))
     return student.to(device).eval()
+
+
+def _test_split(processor, device, test_questions: int | None):
+    from .data import encode_split, load_split
+
+    test = load_split("test")
+    if test_questions is not None and test_questions < len(test):
+        test = test.subset(test_questions, seed=0)
+    return encode_split(test, processor, device)
+
+
+def evaluate_training_free(mode: str | None = None, ratios=(0.25,), test_questions: int | None = None,
+                           random_seeds=(0, 1, 2), name: str = "training-free") -> dict:
+    """The training-free baselines of :mod:`vtp.baselines` on the FROZEN teacher of ``mode`` (no language-model
+    adaptation), top-k with real removal at each ratio on the test split (first ``test_questions``, as
+    :func:`train_and_evaluate`): ``random`` (one generator seed per entry of ``random_seeds``), ``fastv`` and
+    ``object`` (the pixel reference). Returns ``{"name", "teacher_accuracy", "teacher_per_type",
+    "teacher_sha256", "accuracy": {method: {f"{r:.4f}": [acc, ...]}}, "per_type": {method: {f"{r:.4f}":
+    per-type of the first run}}, "device"}``."""
+    from .baselines import fastv_scores, keep_by_scores, object_scores, random_scores
+    from .evaluate import accuracy
+    from .runtime import device_name
+    from .train import load_or_train_teacher
+
+    if torch.cuda.is_available():
+        torch.set_num_threads(1)
+    teacher, processor, info = load_or_train_teacher(mode)
+    device = next(teacher.parameters()).device
+    test = _test_split(processor, device, test_questions)
+    full = accuracy(teacher, test, processor)
+    out = {"name": name, "teacher_accuracy": full.accuracy, "teacher_per_type": full.per_type,
+           "teacher_sha256": info.get("sha256"), "test_questions": len(test), "device": device_name(device),
+           "accuracy": {"random": {}, "fastv": {}, "object": {}}, "per_type": {"random": {}, "fastv": {}, "object": {}}}
+    for r in (check_ratio(r, "ratios") for r in ratios):
+        key = f"{r:.4f}"
+        runs = {"random": [accuracy(teacher, test, processor, keep_fn=keep_by_scores(
+                    random_scores, r, generator=torch.Generator().manual_seed(s))) for s in random_seeds],
+                "fastv": [accuracy(teacher, test, processor, keep_fn=keep_by_scores(fastv_scores, r))],
+                "object": [accuracy(teacher, test, processor, keep_fn=keep_by_scores(object_scores, r))]}
+        for method, results in runs.items():
+            out["accuracy"][method][key] = [res.accuracy for res in results]
+            out["per_type"][method][key] = results[0].per_type
+    return out
+
+
+def lesson07_job(kind: str, **kwargs) -> dict:
+    """One job of lesson 07's :func:`vtp.sweep.run_jobs` call: ``kind`` = ``"train"``
+    (:func:`train_and_evaluate`) or ``"training-free"`` (:func:`evaluate_training_free`), with ``kwargs``."""
+    jobs = {"train": train_and_evaluate, "training-free": evaluate_training_free}
+    if kind not in jobs:
+        raise ValueError(f"kind must be one of {tuple(jobs)}, got {kind!r}")
+    return jobs[kind](**kwargs)

@@ -388,6 +388,7 @@ from .losses import LOSS_FORMS  # noqa: E402
 from .pruner import SAMPLERS, GumbelVisionPruner, check_ratio  # noqa: E402
 from .schedules import SCHEDULES, get_temperature, sparsity_weight_schedule, target_ratio_schedule  # noqa: E402
 from .vlm import PrunedVLM, answer_logits  # noqa: E402
+from .controls import SELECTORS, FrozenSelector  # noqa: E402
 
 
 @dataclass
@@ -438,6 +439,19 @@ class PrunerConfig:
     kept), ``distill_weight`` = 0 (no teacher), ``eval_rule`` = ``"topk"`` or ``"threshold"``, ``loss_form`` =
     ``"vtp"`` or ``"seed"`` (the seed document's distillation over every position and batch-level keep ratio,
     :class:`vtp.PruningLoss`'s ``form``; lesson 08 trains the seed recipe).
+
+    ``selector`` = ``"learned"`` (the method) or an **adapted control** (DESIGN 1c; lesson 07), which trains
+    the language model exactly as the learned run does (same phases and steps, learning rates, schedules,
+    loss on the answer: CE + distillation, data order, teacher, seed, budgets, validations and best-state
+    selection) behind a FROZEN selection, :class:`vtp.controls.FrozenSelector` in the pruner's slot:
+    ``"untrained"`` (the scorer of the same seed at its random initialisation, i.e. the learned pruner's step
+    0, never updated), ``"fastv"`` (the frozen teacher's FastV-style attention scores) or ``"random"``
+    (uniform scores, a fresh draw per batch). A control never trains its selection: no pruner gradient, no
+    sparsity, binarization or controller term (they act on the selection only). In phase 1, where the learned
+    pruner samples Gumbel masks whose keep ratio follows the curriculum :math:`\rho_t`, the control's
+    language model sees its selector's top-k mask at :math:`\rho_t`; in phase 2 both see top-k at the cycled
+    budgets, and evaluation applies the same selection at the requested ratio. Controls need
+    ``vision_lr`` = 0 (frozen visual tokens, so the selection stays fixed) and ``eval_rule`` = ``"topk"``.
     """
 
     target_ratio: float = 0.25
@@ -475,6 +489,7 @@ class PrunerConfig:
     apply: str = "policy"
     eval_rule: str = "topk"
     loss_form: str = "vtp"
+    selector: str = "learned"
     augment: dict = field(default_factory=lambda: {"hflip": 0.5, "max_shift": 0})
     train_questions: int | None = 4000
     eval_every: int = 0
@@ -517,6 +532,10 @@ class PrunerConfig:
             raise ValueError(f"adapt_ratios needs eval_rule='topk' (a budget per step), got {self.eval_rule!r}")
         if self.loss_form not in LOSS_FORMS:
             raise ValueError(f"loss_form must be one of {LOSS_FORMS}, got {self.loss_form!r}")
+        _check_choice(self, "selector", ("learned",) + SELECTORS)
+        if self.selector != "learned" and (self.vision_lr != 0 or self.eval_rule != "topk"):
+            raise ValueError(f"selector={self.selector!r} (a frozen control) needs vision_lr=0 and eval_rule='topk', "
+                             f"got vision_lr={self.vision_lr}, eval_rule={self.eval_rule!r}")
 
 
 PRUNER_PRESETS = {
@@ -587,6 +606,9 @@ def _student(teacher, cfg: PrunerConfig):
     hidden = student.config.text_config.hidden_size
     pruner = GumbelVisionPruner(hidden, rule=cfg.eval_rule, ratio=cfg.target_ratio, keep_bias=cfg.keep_bias,
                                 sampler=cfg.sampler, norm=cfg.pruner_norm, text_dim=hidden if cfg.question_aware else None)
+    if cfg.selector != "learned":  # an adapted control: a frozen selection in the pruner's slot
+        pruner = FrozenSelector(cfg.selector, cfg.target_ratio, scorer=pruner if cfg.selector == "untrained" else None,
+                                reference=PrunedVLM(teacher) if cfg.selector == "fastv" else None, seed=cfg.seed)
     return PrunedVLM(student, pruner.to(next(student.parameters()).device))
 
 
@@ -638,6 +660,9 @@ def train_pruner(teacher, processor: VQAProcessor, cfg: PrunerConfig | str | Non
     cfg = pruner_config(cfg) if cfg is None or isinstance(cfg, str) else cfg
     if student is not None and not cfg.adapt_steps:
         raise ValueError("student is given, so only phase 2 runs: cfg.adapt_steps must be > 0, got 0")
+    if student is not None and getattr(student.pruner, "kind", "learned") != cfg.selector:
+        raise ValueError(f"cfg.selector must match the student's selection "
+                         f"({getattr(student.pruner, 'kind', 'learned')!r}), got {cfg.selector!r}")
     if not (isinstance(checkpoint_every, int) and checkpoint_every >= 1):
         raise ValueError(f"checkpoint_every must be an int >= 1, got {checkpoint_every!r}")
     distributed.setup()  # under torchrun: one process per device, each on its slice of the global batch
@@ -705,6 +730,9 @@ def train_pruner(teacher, processor: VQAProcessor, cfg: PrunerConfig | str | Non
         w_s = sparsity_weight_schedule(step, cfg.steps, cfg.sparsity_weight, cfg.sparsity_warmup)
         target = target_ratio_schedule(step, cfg.steps, cfg.target_ratio, cfg.ratio_start, cfg.curriculum_frac)
         w_b = sparsity_weight_schedule(step, cfg.steps, cfg.binarize_weight, cfg.curriculum_frac, 1 - cfg.curriculum_frac)
+        # a control: its frozen selection's top-k at the curriculum's ratio, no term acting on the selection
+        select = {} if cfg.selector == "learned" else dict(ratio=target, rule="topk")
+        w_s, w_b = (w_s, w_b) if cfg.selector == "learned" else (0.0, 0.0)
         inputs = (batch["input_ids"], batch["pixel_values"], batch["attention_mask"], batch["labels"])
         with autocast(device, cfg.bf16):
             teacher_logits = None
@@ -712,7 +740,7 @@ def train_pruner(teacher, processor: VQAProcessor, cfg: PrunerConfig | str | Non
                 with torch.no_grad():
                     teacher_logits = teacher_vlm(*inputs, mode="none").logits
             with distributed.global_noise(cfg.batch_size):  # Gumbel noise of the global batch, this rank's rows
-                out = net(*inputs, mode=cfg.apply, tau=tau)
+                out = net(*inputs, mode=cfg.apply, tau=tau, **select)
         prob, mask, vmask = _sparsity_inputs(out, cfg, batch["attention_mask"])
         try:
             loss, parts = loss_fn(out.logits, out.labels, prob, keep_mask=mask, visual_mask=vmask,
@@ -755,7 +783,8 @@ def train_pruner(teacher, processor: VQAProcessor, cfg: PrunerConfig | str | Non
         if not phase1:
             validate(0, "gumbel")
         torch.manual_seed(cfg.seed)
-        validate(phase1, "gumbel", "sample")
+        if cfg.selector == "learned":  # a control has no keep probabilities to sample from
+            validate(phase1, "gumbel", "sample")
     if cfg.adapt_steps:
         _adapt_to_rule(vlm, teacher_vlm, loss_fn, opt, batches, cfg, history, validate, start=phase1,
                        warmup=0 if phase1 else cfg.warmup_steps, first=max(0, done - phase1), save=save, best=best,
@@ -812,7 +841,7 @@ def _adapt_to_rule(vlm, teacher_vlm, loss_fn, opt, batches, cfg: PrunerConfig, h
     net = vlm if net is None else net
     for p in _vision_parameters(vlm.llava):
         p.requires_grad_(False)
-    pruner, train_pruner_too = vlm.pruner, cfg.adapt_pruner and cfg.eval_rule == "topk"
+    pruner, train_pruner_too = vlm.pruner, cfg.adapt_pruner and cfg.eval_rule == "topk" and cfg.selector == "learned"
     pruner.train(train_pruner_too).requires_grad_(train_pruner_too)
     sampler, pruner.sampler = pruner.sampler, "topk"
     bases = [cfg.pruner_lr, cfg.lm_lr if cfg.adapt_lr is None else cfg.adapt_lr] + [0.0] * (len(opt.param_groups) - 2)
