@@ -3,12 +3,12 @@ trained CONCURRENTLY on one GPU, one subprocess each, inside one wall-clock budg
 
     python3 scripts/scenes_teacher_sweep.py --out DIR [--budget-s 480] [--configs a,b] [--smoke]
 
-Each worker generates its training pool (``pool_images`` scenes with ``questions_per_image`` distinct questions
-each, the scenes' training seed, in forked processes) and the fixed test split of its scene configuration, trains through
-:func:`vtp.train.train_teacher` (``train_data=``) with a time budget that ends its cosine schedule
-``EVAL_RESERVE_S`` before the deadline, then evaluates on the test split: overall and per family, the blind
-baseline (blank images), and 64 of 576 tokens kept by random pruning (3 seeds), the VisionZip-style selection
-and the evidence oracle. It writes ``DIR/<config>.json``; the driver writes ``DIR/summary.json`` (ranking, the
+Each worker generates its training pool (``pool_images`` scenes with ``questions_per_image`` distinct
+questions each, the scenes' training seed, in forked processes) and the fixed test split of its scene
+configuration, trains through :func:`vtp.train.train_teacher` (``train_data=``) with a time budget that ends
+its cosine schedule ``EVAL_RESERVE_S`` before the deadline, then evaluates on the test split: overall and per
+family, the blind baseline (blank images), and 64 of 576 tokens kept by random pruning (3 seeds), the
+VisionZip-style selection and the evidence oracle, each with its evidence recall per family. It writes ``DIR/<config>.json``; the driver writes ``DIR/summary.json`` (ranking, the
 best configuration, the issue's teacher goals as met / not met). Five configurations by default (``DEFAULT``;
 the GPU's throughput is shared, so fewer configurations train more steps each), at most 6: <= 7 files.
 

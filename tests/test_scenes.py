@@ -87,6 +87,15 @@ def test_evidence_patches_are_the_cells_the_object_pixels_fall_in():
     assert not (patches[0] & patches[1]).any()  # disjoint objects here
 
 
+def test_clutter_changes_pixels_but_not_evidence():
+    clean, patches = render_scene(HAND, CFG)
+    specks = [(70.0, 70.0), (180.0, 20.0)]
+    cluttered, patches_c = render_scene(HAND, CFG, specks)
+    assert torch.equal(patches, patches_c) and not torch.equal(clean, cluttered)
+    s = generate_split("val", 30, SceneConfig(clutter=12))
+    assert (s.images == 100).all(1).any()  # grey specks drawn
+
+
 def test_split_evidence_is_the_union_of_its_objects_patches():
     s = generate_split("val", 120, seed=5)
     for q in range(0, 120, 7):
@@ -167,7 +176,8 @@ def test_teacher_trains_on_scenes_through_train_teacher():
 
 
 @pytest.mark.parametrize("kwargs, name", [
-    ({"max_objects": 65}, "max_objects"), ({"image_size": (192, 160)}, "image_size"), ({"families": ()}, "families"),
+    ({"max_objects": 65}, "max_objects"), ({"image_size": (192, 160)}, "image_size"), ({"image_size": 0}, "image_size"),
+    ({"families": ()}, "families"),
     ({"patch_size": 7}, "patch_size"), ({"families": ("exist", "colour")}, "families"),
     ({"min_objects": 0}, "min_objects"), ({"colors": ("red",)}, "colors"), ({"max_count": 12}, "max_count"),
     ({"held_out": (("red", "hexagon"),)}, "held_out"), ({"sizes": (("huge", 6),)}, "sizes")])
@@ -177,6 +187,8 @@ def test_bad_settings_name_the_argument(kwargs, name):
 
 
 def test_bad_split_arguments():
+    with pytest.raises(ValueError, match="held_out"):
+        generate_split("compositional", 10, SceneConfig(held_out=()))
     with pytest.raises(ValueError, match="name"):
         generate_split("holdout", 10)
     with pytest.raises(ValueError, match="n_questions"):

@@ -152,7 +152,8 @@ def merge_tokens(x: torch.Tensor, assign: torch.Tensor) -> torch.Tensor:
     if assign.shape != x.shape[:2]:
         raise ValueError(f"assign must have shape {tuple(x.shape[:2])}, got {tuple(assign.shape)}")
     sums = torch.zeros_like(x, dtype=torch.float32).scatter_add_(1, assign.unsqueeze(-1).expand_as(x), x.float())
-    counts = torch.zeros(assign.shape, device=x.device).scatter_add_(1, assign, torch.ones(assign.shape, device=x.device))
+    ones = torch.ones(assign.shape, device=x.device)
+    counts = torch.zeros(assign.shape, device=x.device).scatter_add_(1, assign, ones)
     c = counts.unsqueeze(-1)
     return torch.where(c > 0, sums / c.clamp(min=1), x.float()).to(x.dtype)
 

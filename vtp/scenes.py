@@ -81,7 +81,7 @@ class SceneConfig:
 
     def __post_init__(self):
         size = self.image_size
-        if not isinstance(size, int):
+        if not isinstance(size, int) or size < 1:
             if isinstance(size, (tuple, list)) and len(size) == 2 and size[0] != size[1]:
                 raise ValueError(f"image_size must give a square grid (one int), got {size}")
             raise ValueError(f"image_size must be a positive int, got {size!r}")
@@ -101,14 +101,16 @@ class SceneConfig:
             raise ValueError(f"min_objects must be in [1, max_objects={self.max_objects}], got {self.min_objects}")
         if self.max_objects > self.cells ** 2:
             raise ValueError(f"max_objects must be <= {self.cells ** 2}: only {self.cells}x{self.cells} objects of "
-                             f"radius {self.max_radius} (gap {self.gap}) fit a {size} px canvas, got {self.max_objects}")
+                             f"radius {self.max_radius} (gap {self.gap}) fit a {size} px canvas, "
+                             f"got {self.max_objects}")
         if not (1 <= self.max_count <= min(self.max_objects, len(COUNT_WORDS) - 1)):
             raise ValueError(f"max_count must be in [1, {min(self.max_objects, 9)}], got {self.max_count}")
         if self.clutter < 0 or self.gap < 0 or self.relation_margin < 0:
             raise ValueError("clutter, gap and relation_margin must be >= 0")
         pairs = [(c, s) for c, s in self.held_out if c in self.colors and s in self.shapes]
         if len(pairs) != len(self.held_out) or len(pairs) >= len(self.colors) * len(self.shapes):
-            raise ValueError(f"held_out must be (colour, shape) pairs of this config, not all of them; got {self.held_out}")
+            raise ValueError("held_out must be (colour, shape) pairs of this config, not all of them; "
+                             f"got {self.held_out}")
 
     @property
     def max_radius(self) -> int:
@@ -390,6 +392,8 @@ def generate_split(name: str, n_questions: int, cfg: SceneConfig | None = None, 
     for arg, v in (("n_questions", n_questions), ("questions_per_image", questions_per_image)):
         if not isinstance(v, int) or v < 1:
             raise ValueError(f"{arg} must be a positive int, got {v!r}")
+    if name == "compositional" and not cfg.held_out:
+        raise ValueError("cfg.held_out must name (colour, shape) pairs for the compositional split, got ()")
     rng = np.random.default_rng([SPLIT_SEEDS[name], *np.atleast_1d(seed).tolist()])
     pending = _balanced_targets(cfg, n_questions, rng, name == "compositional")
     rows, images, masks, scenes = [], [], [], []
@@ -470,8 +474,9 @@ def scene_accuracy(model, split: SceneSplit, processor: VQAProcessor, encoded: E
     llava = model.llava if isinstance(model, PrunedVLM) else model
     n = num_visual_tokens(llava)
     if n != split.cfg.num_tokens:
+        c = split.cfg
         raise ValueError(f"model: its vision tower gives {n} visual tokens, these scenes need "
-                         f"{split.cfg.num_tokens} ({split.cfg.grid}x{split.cfg.grid} patches of {split.cfg.patch_size} px)")
+                         f"{c.num_tokens} ({c.grid}x{c.grid} patches of {c.patch_size} px)")
     _check_processor(processor, split.cfg)
     encoded = encoded if encoded is not None else encode_scenes(split, processor)
     res = accuracy(model, encoded, processor, **kwargs)
