@@ -8,8 +8,9 @@ questions each, the scenes' training seed, in forked processes) and the fixed te
 configuration, trains through :func:`vtp.train.train_teacher` (``train_data=``) with a time budget that ends
 its cosine schedule ``EVAL_RESERVE_S`` before the deadline, then evaluates on the test split: overall and per
 family, the blind baseline (blank images), and 64 of 576 tokens kept by random pruning (3 seeds), the
-VisionZip-style selection and the evidence oracle, each with its evidence recall per family. It writes ``DIR/<config>.json``; the driver writes ``DIR/summary.json`` (ranking, the
-best configuration, the issue's teacher goals as met / not met). Five configurations by default (``DEFAULT``;
+VisionZip-style selection and the evidence oracle, each with its evidence recall per family. It writes
+``DIR/<config>.json``; the driver writes ``DIR/summary.json`` (ranking, the best configuration, the issue's
+teacher goals as met / not met). Five configurations by default (``DEFAULT``;
 the GPU's throughput is shared, so fewer configurations train more steps each), at most 6: <= 7 files.
 
 Why these configurations: a pilot (4+4 layers, 256 wide, lr 5e-4, batch 128, 3 questions per image, 390 s)
