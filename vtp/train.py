@@ -155,7 +155,7 @@ class TrainConfig:
 
 
 TEACHER_PRESETS = {
-    # CPU, seconds: a small model on 4,000 training questions.
+    # CPU-sized: a small model, 300 steps on 4,000 training questions (minutes on 2 cores, not seconds).
     "smoke": TrainConfig(),
     # One GPU, <= 5 minutes: cosine over a 240 s budget (or 12,000 steps), 256 images x 1 question per batch,
     # lr 5e-4. Recipe search (results/06_teacher_sweep.json, four runs sharing one H100, ~3,600 steps each):
