@@ -166,7 +166,8 @@ def _reference_keep(model, pruner, embeds, ids, ratio):
     p = vtp.keep_probability(pruner.score(embeds[:, visual]))[0]
     k = max(1, round(ratio * p.numel()))
     keep = torch.ones_like(visual)
-    keep[visual.nonzero()[:, 0]] = torch.zeros_like(p, dtype=torch.bool).scatter(0, p.argsort(descending=True, stable=True)[:k], True)
+    best = p.argsort(descending=True, stable=True)[:k]
+    keep[visual.nonzero()[:, 0]] = torch.zeros_like(p, dtype=torch.bool).scatter(0, best, True)
     return keep
 
 
@@ -199,6 +200,27 @@ def test_generate_equals_greedy_loop_over_kept_tokens(family, model, attn):
     finally:
         unpatch(model)
         model.set_attn_implementation("sdpa")
+
+
+def test_decode_steps_without_position_ids_continue_at_the_original_positions(family, model):
+    """A hand-written decode loop through the patched model (cache, growing mask, no position ids) = generate()."""
+    inputs = make_inputs(family, samples=(0,))
+    patch(model, make_pruner(model), ratio=0.25)
+    try:
+        tokens, scores = generate(model, inputs, n=4, scores=True)
+        cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        mask, step, out = inputs["attention_mask"], inputs, []
+        with torch.no_grad():
+            for _ in range(4):
+                o = model(**step, use_cache=True)
+                out.append(o.logits[:, -1])
+                mask = torch.cat([mask, torch.ones(1, 1, dtype=mask.dtype)], dim=1)
+                step = {"input_ids": out[-1].argmax(-1, keepdim=True), "attention_mask": mask, cache_kw: o[1]}
+        assert model.vtp_last.index.shape[1] < inputs["input_ids"].shape[1]  # the cache holds the kept tokens only
+        assert torch.allclose(torch.stack(out, dim=1), scores, atol=1e-5, rtol=0)
+        assert torch.equal(torch.stack(out, dim=1).argmax(-1), tokens)
+    finally:
+        unpatch(model)
 
 
 @pytest.mark.parametrize("ratio,min_keep", [(0.25, 1), (0.5, 1), (0.01, 3)])
