@@ -87,6 +87,23 @@ def test_evidence_patches_are_the_cells_the_object_pixels_fall_in():
     assert not (patches[0] & patches[1]).any()  # disjoint objects here
 
 
+def test_objects_stay_gap_apart_and_inside_the_canvas():
+    from vtp.scenes import _object_mask, _sample_objects
+
+    rng = np.random.default_rng(0)
+    radius = dict(CFG.sizes)
+    for _ in range(20):
+        objs = _sample_objects(CFG, rng, held_out=False)
+        canvas = torch.zeros(len(objs), 1, 192, 192)
+        for i, o in enumerate(objs):
+            assert radius[o.size] <= o.x <= 192 - radius[o.size] and radius[o.size] <= o.y <= 192 - radius[o.size]
+            y0, x0, m = _object_mask(o.shape, radius[o.size], o.x, o.y, 192)
+            canvas[i, 0, y0:y0 + m.shape[0], x0:x0 + m.shape[1]] = torch.from_numpy(m).float()
+        grown = torch.nn.functional.max_pool2d(canvas, 2 * CFG.gap - 1, 1, CFG.gap - 1) > 0  # within gap - 1 px
+        others = canvas.sum(0, keepdim=True) - canvas > 0  # [n, 1, H, W]: pixels of the other objects
+        assert not (grown & others).any()
+
+
 def test_clutter_changes_pixels_but_not_evidence():
     clean, patches = render_scene(HAND, CFG)
     specks = [(70.0, 70.0), (180.0, 20.0)]

@@ -4,9 +4,11 @@ A scene is a ``image_size`` x ``image_size`` canvas (192 px by default) cut by t
 :math:`G \times G` grid of ``patch_size`` patches (:math:`G = 24`, :math:`N = G^2 = 576` tokens, as LLaVA-1.5).
 It holds ``min_objects``..``max_objects`` small objects, each a (size, colour, shape), and optional clutter.
 
-**Placement.** The canvas is tiled by :math:`C \times C` cells of side :math:`c = 2 r_{max} + \text{gap}`;
-each object takes its own cell, at a uniformly jittered position inside it, so two objects never overlap
-(and keep ``gap`` px apart). Hence at most :math:`C^2` objects fit: more raises ``ValueError``.
+**Placement.** The canvas is tiled by :math:`C \times C` cells of side
+:math:`c = 2 r_{max} + \text{gap} + \text{jitter}`;
+each object takes its own cell at a uniform position that keeps it ``gap / 2`` px inside the cell (the largest
+objects move by up to ``jitter`` px, smaller ones more), so two objects never overlap and stay ``gap`` px
+apart. Hence at most :math:`C^2` objects fit: more raises ``ValueError``.
 
 **Evidence.** Object :math:`o` covers the patch set
 :math:`P(o) = \{(\lfloor y/p \rfloor, \lfloor x/p \rfloor) : \text{pixel } (y, x) \text{ of } o\}`, flattened to
@@ -27,7 +29,8 @@ answer is computed from and :math:`E = \bigcup_{o} P(o)` over them. Answers that
 **Difficulty knobs** (:class:`SceneConfig`): ``min_objects`` / ``max_objects`` (more objects: more binding
 and counting), ``sizes`` (radii in px; smaller objects cover fewer patches, so random pruning loses them
 more often), ``colors`` / ``shapes`` (fewer values: fewer attribute combinations to bind), ``clutter``
-(grey specks that are not objects: distractors that cover patches), ``families``.
+(grey specks that are not objects: distractors that cover patches), ``jitter`` / ``gap`` (placement freedom
+and spacing; larger values fit fewer objects), ``families``.
 
 **Splits.** ``val`` and ``test`` (fixed seeds; :func:`scene_split`), an endless training stream
 (:func:`train_stream`) and ``compositional``: (colour, shape) pairs in ``held_out`` never appear in
@@ -73,6 +76,7 @@ class SceneConfig:
     shapes: tuple = SHAPES
     sizes: tuple = (("small", 6), ("large", 10))
     gap: int = 2
+    jitter: int = 6
     clutter: int = 0
     families: tuple = FAMILIES
     max_count: int = 4
@@ -101,12 +105,12 @@ class SceneConfig:
             raise ValueError(f"min_objects must be in [1, max_objects={self.max_objects}], got {self.min_objects}")
         if self.max_objects > self.cells ** 2:
             raise ValueError(f"max_objects must be <= {self.cells ** 2}: only {self.cells}x{self.cells} objects of "
-                             f"radius {self.max_radius} (gap {self.gap}) fit a {size} px canvas, "
+                             f"radius {self.max_radius} (gap {self.gap}, jitter {self.jitter}) fit a {size} px canvas, "
                              f"got {self.max_objects}")
         if not (1 <= self.max_count <= min(self.max_objects, len(COUNT_WORDS) - 1)):
             raise ValueError(f"max_count must be in [1, {min(self.max_objects, 9)}], got {self.max_count}")
-        if self.clutter < 0 or self.gap < 0 or self.relation_margin < 0:
-            raise ValueError("clutter, gap and relation_margin must be >= 0")
+        if min(self.clutter, self.gap, self.jitter, self.relation_margin) < 0:
+            raise ValueError("clutter, gap, jitter and relation_margin must be >= 0")
         pairs = [(c, s) for c, s in self.held_out if c in self.colors and s in self.shapes]
         if len(pairs) != len(self.held_out) or len(pairs) >= len(self.colors) * len(self.shapes):
             raise ValueError("held_out must be (colour, shape) pairs of this config, not all of them; "
@@ -118,8 +122,8 @@ class SceneConfig:
 
     @property
     def cells(self) -> int:
-        """Placement cells per side, :math:`C = \\lfloor S / (2 r_{max} + gap) \\rfloor`."""
-        return self.image_size // (2 * self.max_radius + self.gap)
+        """Placement cells per side, :math:`C = \\lfloor S / (2 r_{max} + gap + jitter) \\rfloor`."""
+        return self.image_size // (2 * self.max_radius + self.gap + self.jitter)
 
     @property
     def grid(self) -> int:
@@ -151,8 +155,8 @@ def _object_mask(shape: str, r: int, x: float, y: float, image_size: int):
         m = dx ** 2 + dy ** 2 <= r ** 2
     elif shape == "square":  # side 1.7 r: about the circle's area
         m = (np.abs(dx) <= 0.85 * r) & (np.abs(dy) <= 0.85 * r)
-    else:  # triangle, apex up: half-width grows linearly from the apex (y = -r) to the base (y = 0.8 r)
-        m = (dy >= -r) & (dy <= 0.8 * r) & (np.abs(dx) <= 0.6 * (dy + r))
+    else:  # triangle, apex up: half-width grows linearly from the apex (y = -r) to the base (y = 0.8 r, < r)
+        m = (dy >= -r) & (dy <= 0.8 * r) & (np.abs(dx) <= 0.55 * (dy + r))
     return y0, x0, m
 
 
@@ -179,7 +183,7 @@ def _sample_objects(cfg: SceneConfig, rng, held_out: bool):
     """Objects on distinct placement cells; attribute pairs in ``cfg.held_out`` excluded, or (``held_out``)
     at least one of them included."""
     C, rmax = cfg.cells, cfg.max_radius
-    c = 2 * rmax + cfg.gap
+    c = 2 * rmax + cfg.gap + cfg.jitter
     off = (cfg.image_size - C * c) / 2
     n = int(rng.integers(cfg.min_objects, cfg.max_objects + 1))
     cells = rng.choice(C * C, n, replace=False)
@@ -190,7 +194,7 @@ def _sample_objects(cfg: SceneConfig, rng, held_out: bool):
         size, r = cfg.sizes[int(rng.integers(len(cfg.sizes)))]
         pool = cfg.held_out if held_out and k == 0 else combos
         color, shape = pool[int(rng.integers(len(pool)))]
-        jx, jy = rng.uniform(0, c - 2 * r, 2)
+        jx, jy = rng.uniform(0, c - 2 * r - cfg.gap, 2)  # the object stays gap / 2 inside its cell
         objs.append(SceneObject(size, color, shape, off + (cell % C) * c + r + jx + cfg.gap / 2,
                                 off + (cell // C) * c + r + jy + cfg.gap / 2))
     return objs
