@@ -36,7 +36,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-EVAL_RESERVE_S = {"full": 70.0, "smoke": 12.0}
+EVAL_RESERVE_S = {"full": 50.0, "smoke": 12.0}  # evaluation: 7 passes over 10,080 questions
 KEEP = 64 / 576  # the tightest budget
 _BASE = {"model": {}, "scene": {}, "lr": 5e-4, "batch_size": 128, "questions_per_image": 4, "warmup_steps": 300,
          "pool_images": 24_000}
