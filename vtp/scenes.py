@@ -101,6 +101,8 @@ class SceneConfig:
                 raise ValueError(f"{name} must be >= 2 distinct values of {tuple(allowed)}, got {vals}")
         if not self.sizes or any(n not in SIZES or not (2 <= r) for n, r in self.sizes):
             raise ValueError(f"sizes must be (name, radius >= 2) pairs, names from {tuple(SIZES)}, got {self.sizes}")
+        if {"relation", "compare"} & set(self.families) and self.max_objects < 2:
+            raise ValueError(f"max_objects must be >= 2 for relation / compare questions, got {self.max_objects}")
         if not (1 <= self.min_objects <= self.max_objects):
             raise ValueError(f"min_objects must be in [1, max_objects={self.max_objects}], got {self.min_objects}")
         if self.max_objects > self.cells ** 2:
