@@ -196,7 +196,8 @@ def test_teacher_trains_on_scenes_through_train_teacher():
     ({"max_objects": 65}, "max_objects"), ({"image_size": (192, 160)}, "image_size"), ({"image_size": 0}, "image_size"),
     ({"families": ()}, "families"),
     ({"patch_size": 7}, "patch_size"), ({"families": ("exist", "colour")}, "families"),
-    ({"min_objects": 0}, "min_objects"), ({"min_objects": 1, "max_objects": 1}, "max_objects"), ({"colors": ("red",)}, "colors"), ({"max_count": 12}, "max_count"),
+    ({"min_objects": 0}, "min_objects"), ({"min_objects": 1, "max_objects": 1}, "max_objects"),
+    ({"colors": ("red",)}, "colors"), ({"max_count": 12}, "max_count"),
     ({"held_out": (("red", "hexagon"),)}, "held_out"), ({"sizes": (("huge", 6),)}, "sizes")])
 def test_bad_settings_name_the_argument(kwargs, name):
     with pytest.raises(ValueError, match=name):
