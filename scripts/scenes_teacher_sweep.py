@@ -161,12 +161,16 @@ def worker(name: str, out_dir: Path, deadline: float, smoke: bool) -> None:
     cfg = TrainConfig(model="smoke" if smoke else "scenes", model_overrides=spec["model"], steps=1_000_000,
                       batch_size=spec["batch_size"], lr=spec["lr"], warmup_steps=spec["warmup_steps"], augment={},
                       train_questions=None, questions_per_image=spec["questions_per_image"], time_budget_s=budget,
-                      log_every=50, compile=spec.get("compile", False))
-    model, _, hist = train_teacher(cfg, device, processor, train_data=encode_scenes(pool, processor, device))
+                      log_every=50, compile=spec.get("compile", False), eval_every=50 if smoke else 500,
+                      eval_questions=1800)
+    val = encode_scenes(scene_split("val", scene, 60 if smoke else None), processor, device)  # the learning curve
+    model, _, hist = train_teacher(cfg, device, processor, val_data=val,
+                                   train_data=encode_scenes(pool, processor, device))
     result = {"name": name, "recipe": spec, "device": device_name(device), "parameters": hist["parameters"],
               "steps": hist["steps_done"], "train_time_s": hist["train_time_s"], "data_gen_s": gen_s,
               "pool": {"questions": len(pool), "images": int(pool.images.shape[0])},
-              "loss_curve": list(zip(hist["step"], hist["loss"]))[:: max(1, len(hist["step"]) // 40)]}
+              "loss_curve": list(zip(hist["step"], hist["loss"]))[:: max(1, len(hist["step"]) // 40)],
+              "val_curve": hist["val"]}
     path = out_dir / f"{name}.json"
     save = lambda: path.write_text(json.dumps({**result, "wall_s": time.time() - t0}, indent=2))  # noqa: E731
     save()
