@@ -394,3 +394,16 @@ def test_prunedvlm_shares_the_selection_and_rejects_unknown_arguments(text_dim):
             assert torch.allclose(patched[b][mine], out.logits[b][theirs], atol=1e-5, rtol=0)
     finally:
         unpatch(model)
+
+
+def test_position_ids_broadcast_over_the_batch():
+    """Position ids [1, L] for a batch of B (as transformers accepts them): every sample keeps its own."""
+    model = make_model("llava")
+    inputs = make_inputs("llava", samples=(0, 0))  # two equal-length prompts, no padding
+    L = inputs["input_ids"].shape[1]
+    patch(model, make_pruner(model), ratio=0.25)
+    try:
+        one = logits(model, {**inputs, "position_ids": torch.arange(L)[None]})
+        assert torch.allclose(one, logits(model, {**inputs, "position_ids": torch.arange(L).expand(2, L)}), atol=1e-6)
+    finally:
+        unpatch(model)

@@ -25,8 +25,10 @@ What happens inside. Three public methods are wrapped, no transformers code is c
     ``model.vtp_last`` (:class:`PatchState`).
 
 Selection per image: top-k keeps exactly :math:`\max(\text{min\_keep}, \operatorname{round}(\rho N))` of the
-:math:`N` scorable tokens of each image. A question-aware pruner gets the mean input embedding of its sample's
-question (:func:`question_embedding`). ``vtp.unpatch(model)`` restores the original methods.
+:math:`N` scorable tokens of each image. Only image tokens are pruned (a Qwen2-VL video's tokens are kept). A
+question-aware pruner gets the mean input embedding of its sample's question (:func:`question_embedding`).
+``vtp.unpatch(model)`` restores the original methods. Tested: greedy decoding with the default dynamic cache; a
+static cache (4-D masks) raises; gradient checkpointing is not supported in train mode.
 """
 from __future__ import annotations
 
@@ -36,6 +38,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers import (LlavaForConditionalGeneration, LlavaNextForConditionalGeneration,
+                          Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration)
 
 from .attention import policy_attention
 from .pruner import check_ratio
@@ -44,9 +48,8 @@ __all__ = ["patch", "unpatch", "PatchState", "select_visual", "question_embeddin
            "SUPPORTED", "PATCH_RULES"]
 
 PATCH_RULES = ("topk", "threshold")
-SUPPORTED = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration", "Qwen2VLForConditionalGeneration",
-             "Qwen2_5_VLForConditionalGeneration")
-_WRAPPED = ("forward", "get_image_features")  # on the inner model; plus forward of the model and language model
+SUPPORTED = (LlavaForConditionalGeneration, LlavaNextForConditionalGeneration, Qwen2VLForConditionalGeneration,
+             Qwen2_5_VLForConditionalGeneration)
 
 
 def question_embedding(embeds, visual_mask, attention_mask=None, labels=None) -> torch.Tensor:
@@ -162,8 +165,9 @@ def patch(model, pruner: nn.Module, ratio: float = 0.25, rule: str = "topk", min
         raise ValueError(f"rule must be one of {PATCH_RULES}, got {rule!r}")
     if isinstance(min_keep, bool) or not isinstance(min_keep, int) or min_keep < 1:
         raise ValueError(f"min_keep must be an int >= 1, got {min_keep!r}")
-    if type(model).__name__ not in SUPPORTED:
-        raise TypeError(f"vtp.patch supports {', '.join(SUPPORTED)}; got {type(model).__name__}")
+    if not isinstance(model, SUPPORTED):
+        raise TypeError(f"vtp.patch supports {', '.join(c.__name__ for c in SUPPORTED)} (and their subclasses); got "
+                        f"{type(model).__name__}")
     if not isinstance(pruner, nn.Module):
         raise TypeError(f"pruner must be an nn.Module (e.g. vtp.GumbelVisionPruner), got {type(pruner).__name__}")
     width = model.config.text_config.hidden_size
@@ -308,8 +312,8 @@ def _score(p, call, embeds, attention_mask):
                                                                                           torch.tensor(True))
     image_sample = torch.zeros(n_images, dtype=torch.long, device=embeds.device).index_put((img,), b)
     text = question_embedding(embeds, visual, attention_mask, call.get("labels"))[image_sample]
-    out = select_visual(m.vtp_pruner, tokens, valid, text, ratio=m.vtp_ratio, rule=m.vtp_rule,
-                        min_keep=m.vtp_min_keep)
+    out = select_visual(m.vtp_pruner, tokens, valid, text, ratio=check_ratio(m.vtp_ratio, "model.vtp_ratio"),
+                        rule=m.vtp_rule, min_keep=m.vtp_min_keep)
     keep = torch.ones(B, L, dtype=out.mask.dtype, device=embeds.device).index_put((b, l), out.mask[img, slot])
     n_visual = (keep.detach() * visual).sum(-1).long()
     state = PatchState(out.keep_prob, out.mask, out.logits, valid, image_sample, n_visual, prompt_length=L)
@@ -332,8 +336,8 @@ def _prefill(p, original, call, kwargs):
     full = torch.ones(B, L, dtype=torch.long, device=embeds.device) if attn is None else attn
     index, valid = kept_index(keep, left=bool(full[:, -1].all()))
     pos = kwargs.get("position_ids")
-    if pos is None:
-        pos = torch.arange(L, device=embeds.device).expand(B, L)
+    pos = torch.arange(L, device=embeds.device) if pos is None else pos
+    pos = pos.expand(*pos.shape[:-2], B, L)  # [B, L], or [3 or 4, B, L] with M-RoPE
     state.index, state.attention_mask = index, full.gather(1, index) * valid
     real = pos if pos.dim() == 2 else pos[-3:].amax(0)  # M-RoPE: decode positions continue after the largest
     state.next_position = real.masked_fill(full == 0, -1).amax(-1) + 1
