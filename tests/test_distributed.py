@@ -12,7 +12,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from vtp import distributed
 from vtp.data import build_processor
-from vtp.train import pruner_config, train_pruner
+from vtp.train import pruner_config, teacher_config, train_pruner, train_teacher
 from vtp.vlm import build_llava
 
 WORLD = 2
@@ -60,6 +60,14 @@ def _train(teacher, proc, stop_after=None, **kw):
     return dict(steps=steps, gaps=gaps, history=history, state=student.state_dict())
 
 
+def _train_teacher():
+    """A few steps of the teacher (questions grouped by image: 4 images x 2 questions per global batch)."""
+    cfg = teacher_config("smoke", steps=4, batch_size=8, questions_per_image=2, warmup_steps=1, train_questions=64,
+                         log_every=1, eval_every=2, eval_questions=16)
+    model, _, history = train_teacher(cfg, device="cpu")
+    return dict(state=model.state_dict(), loss=history["loss"], val=history["val"])
+
+
 def _worker(rank, port, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(WORLD), RANK=str(rank),
                       LOCAL_RANK=str(rank))
@@ -77,6 +85,7 @@ def _worker(rank, port, out_dir):
         resumed = _train(teacher, proc, checkpoint=ckpt, checkpoint_every=4)
         run["resumed_state"] = resumed["state"]
         run["resumed_from"] = len(run["steps"]) - len(resumed["steps"])
+        run["teacher"] = _train_teacher()
         torch.save(run, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         distributed.teardown()
@@ -94,7 +103,9 @@ def runs(tmp_path_factory):
     mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
     ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
     teacher, proc = _teacher()
-    return ranks, _train(teacher, proc)
+    single = _train(teacher, proc)
+    single["teacher"] = _train_teacher()
+    return ranks, single
 
 
 def test_ranks_agree_after_every_step(runs):
@@ -162,3 +173,16 @@ def test_shard_keeps_questions_with_their_images():
     assert torch.equal(seen, batch["pixel_values"][batch["image_index"]])  # every question keeps its image
     with pytest.raises(ValueError, match="more than the batch allows"):
         distributed.shard(batch, 0, 6)  # 12 questions split 6 ways, but only 4 images
+
+
+def test_teacher_two_ranks_equal_one_process(runs):
+    ranks, single = runs
+    t0, t1, t = ranks[0]["teacher"], ranks[1]["teacher"], single["teacher"]
+    assert all(torch.equal(v, t1["state"][k]) for k, v in t0["state"].items())  # the ranks agree
+    assert t0["loss"] == t1["loss"] == pytest.approx(t["loss"], rel=1e-5)  # the global batch's loss, logged
+    assert t0["val"] == t1["val"] and [s for s, _ in t0["val"]] == [2, 4]
+    for k, v in t["state"].items():
+        # a key's bias has zero gradient in exact arithmetic (softmax ignores a constant added to a row of
+        # scores); AdamW turns its rounding-noise gradient into small updates that differ with the order of sums
+        tol = dict(rtol=0.0, atol=1e-5) if k.endswith("k_proj.bias") else dict(rtol=1e-4, atol=1e-6)
+        assert torch.allclose(t0["state"][k], v, **tol), (k, (t0["state"][k] - v).abs().max().item())
