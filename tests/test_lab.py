@@ -17,9 +17,12 @@ pytestmark = pytest.mark.skipif(shutil.which("make") is None or not (ROOT / ".gi
 
 
 def _git_status() -> set[str]:
+    """`git status --porcelain` entries where a lab session could write: the lessons, their results, lab/ and
+    Jupyter's checkpoint folders (a clone is clean there; other paths may change under parallel work)."""
     out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=ROOT, capture_output=True,
                          text=True, check=True).stdout
-    return set(out.splitlines())
+    return {line for line in out.splitlines()
+            if line[3:].startswith(("notebooks/", "results/", "lab/")) or ".ipynb_checkpoints" in line}
 
 
 def _make(*args, **kw):
