@@ -50,6 +50,7 @@ def test_exercise_solutions_are_hidden(path):
     cells = _cells(path)
     start = next(i for i, c in enumerate(cells) if c["cell_type"] == "markdown" and re.search(r"^#+ .*Exercises", _text(c), re.M))
     solutions = [c for c in cells[start:] if c["cell_type"] == "code" and re.match(r"#\s*\d*\.?\s*solution|#\s*\d+\. ", _text(c), re.I)]
-    assert solutions, f"{path.name}: no solution cell after the Exercises heading"
+    checked = any(c["cell_type"] == "code" and "check(" in _text(c) for c in cells[start:])
+    assert solutions or checked, f"{path.name}: no solution cell (or check(answer) call) after the Exercises heading"
     shown = [c["id"] for c in solutions if not c["metadata"].get("jupyter", {}).get("source_hidden")]
     assert not shown, f"{path.name}: solution cells not collapsed: {shown}"
