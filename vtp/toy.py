@@ -306,20 +306,27 @@ class SelectionRun:
 
 def train_selection(task: SelectionTask, tau: float | Callable[[int], float] | None = 1.0, steps: int = 200,
                     runs: int = 32, batch: int = 16, lr: float = 0.05, sparsity_weight: float = 2.0,
-                    seed: int = 0) -> SelectionRun:
+                    seed: int = 0, readout_init: str = "zero") -> SelectionRun:
     r"""Learn keep logits :math:`\theta` and a read-out :math:`a` (init 0) with
     :math:`\hat y = \sum_i m_i a_i v_i`, loss :math:`(\hat y - y)^2 + w_s(\bar p - K/N)^2`, Adam.
 
     ``tau``: a number (fixed), a callable ``step -> tau`` (schedule) or ``None`` for the deterministic
     straight-through threshold :math:`m = 1[p > 0.5]` (no noise). A dropped token's read-out gets no
     gradient (:math:`m_i = 0`), so without sampling it never learns to use the token.
+    ``readout_init="signal"`` starts the read-out at the true coefficients (a downstream model that already reads
+    every token, like a language model fine-tuned from the full-token teacher) instead of 0.
     """
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be an int >= 1, got {steps!r}")
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     theta = task.init_logits(runs, gen).requires_grad_(True)
-    readout = torch.zeros(runs, task.n_tokens, requires_grad=True)
+    if readout_init not in ("zero", "signal"):
+        raise ValueError(f'readout_init must be "zero" or "signal", got {readout_init!r}')
+    readout = torch.zeros(runs, task.n_tokens)
+    if readout_init == "signal":
+        readout[:, : task.k] = torch.tensor(task.signal)
+    readout.requires_grad_(True)
     opt = torch.optim.Adam([theta, readout], lr=lr)
     rho = task.k / task.n_tokens
     probs, flips, taus, prev = [torch.sigmoid(theta.detach())], [], [], None
@@ -410,7 +417,8 @@ class RedundantTask:
 
 def train_two_phase(task: RedundantTask, phase1_steps: int = 200, phase2_steps: int = 100, phase2: str = "topk",
                     runs: int = 32, batch: int = 16, lr: float = 0.05, phase2_pruner_lr: float = 0.005,
-                    sparsity_weight: float = 2.0, eval_every: int = 10, seed: int = 0) -> dict:
+                    sparsity_weight: float = 2.0, binarize_weight: float = 0.0, eval_every: int = 10,
+                    seed: int = 0) -> dict:
     r"""Free keep logits :math:`\theta` and a read-out :math:`a` (init 0), :math:`\hat y = \sum_i m_i a_i v_i`,
     trained with Adam in two phases (``runs`` independent runs in parallel).
 
@@ -420,6 +428,8 @@ def train_two_phase(task: RedundantTask, phase1_steps: int = 200, phase2_steps: 
     the deployment rule, the top-k mask with the straight-through surrogate of
     :func:`vtp.pruner.topk_straight_through` (the keep logits at ``phase2_pruner_lr``, no sparsity term: top-k
     fixes the count); ``"sample"`` continues phase 1 at :math:`\tau = 0.1` (same number of steps, the control).
+    ``binarize_weight`` :math:`w_b` adds :math:`w_b(t)\,\overline{p(1-p)}` to the sampled steps, ramped linearly
+    from 0 at the middle of phase 1 to :math:`w_b` at its end (the binarization ramp of lesson 07's recipe).
 
     Returns ``dict(step, deployed_mse, sampled_mse, coverage, keep_ratio)``, lists evaluated every ``eval_every``
     steps on a fixed batch: the error with the deterministic top-k mask (deployment) and with Bernoulli samples of
@@ -457,7 +467,9 @@ def train_two_phase(task: RedundantTask, phase1_steps: int = 200, phase2_steps: 
         if step < phase1_steps or phase2 == "sample":
             tau = get_temperature(min(step, phase1_steps - 1), phase1_steps, 5.0, 0.1)
             mask = sample_keep_mask(_two_class(theta).unsqueeze(1).expand(-1, batch, -1, -1), tau)
-            extra = sparsity_weight * ((torch.sigmoid(theta).mean(-1) - rho) ** 2).mean()
+            p = torch.sigmoid(theta)
+            ramp = min(1.0, max(0.0, 2.0 * (step + 1) / phase1_steps - 1.0))
+            extra = sparsity_weight * ((p.mean(-1) - rho) ** 2).mean() + binarize_weight * ramp * (p * (1 - p)).mean()
         else:
             opt.param_groups[0]["lr"] = phase2_pruner_lr
             mask, extra = topk_straight_through(_two_class(theta), rho).unsqueeze(1), 0.0
