@@ -214,7 +214,10 @@ def train_teacher(cfg: TrainConfig | str | None = None, device=None, processor: 
     """Train the unpruned teacher. Returns ``(llava, processor, history)``; ``history`` holds per-step
     ``lr``, ``loss`` every ``log_every`` steps (at ``step``), periodic ``val`` accuracies ``[(step, acc)]``, ``train_time_s``, ``device``, config.
     ``train_data`` (an :class:`vtp.data.EncodedSplit`, e.g. :func:`vtp.scenes.encode_scenes`) replaces easy-VQA's
-    training questions; it needs the ``processor`` that encoded it, and ``val_data`` when ``eval_every`` > 0."""
+    training questions; it needs the ``processor`` that encoded it, and ``val_data`` when ``eval_every`` > 0.
+    Under ``torchrun`` (:mod:`vtp.distributed`): ``DistributedDataParallel``, the global batch split over the
+    ranks with each image's questions on one rank, the logged loss averaged over the ranks, validation on
+    rank 0 (sent to all), and rank 0's clock deciding when a time budget ends."""
     cfg = teacher_config(cfg) if cfg is None or isinstance(cfg, str) else cfg
     distributed.setup()  # under torchrun: one process per device, each on its slice of the global batch
     distributed.check_batch(cfg.batch_size, group=cfg.questions_per_image)
@@ -656,6 +659,14 @@ def train_pruner(teacher, processor: VQAProcessor, cfg: PrunerConfig | str | Non
     states and the step; if the file exists when the run starts, the run continues from it (same ``cfg``
     required) and ends as the uninterrupted run would have (bit for bit on the CPU; a GPU's nondeterministic
     kernels make two uninterrupted runs differ too). A finished run's checkpoint returns its result.
+
+    Under ``torchrun`` (:mod:`vtp.distributed`): the student is wrapped in ``DistributedDataParallel`` on this
+    rank's device; ``cfg.batch_size`` is the global batch, which every rank draws (with its Gumbel noise) and
+    slices; schedules follow the global step; the keep ratio fed to the controller and the logged values are
+    averaged over the ranks; rank 0 validates (the result goes to every rank, so all keep the same best state),
+    writes the checkpoint and shows progress. N ranks so train what one process trains on the whole batch, up to
+    the order of floating-point sums, as long as every loss term is a mean over samples (``loss_form="seed"``'s
+    batch-level keep ratio is not: each rank then penalises its own shard's).
     """
     cfg = pruner_config(cfg) if cfg is None or isinstance(cfg, str) else cfg
     if student is not None and not cfg.adapt_steps:
