@@ -1,6 +1,6 @@
 r"""Data-parallel training with ``torch.distributed``: one process per device, launched by ``torchrun``.
 
-``torchrun --standalone --nproc-per-node N -m vtp.train pruner ...`` starts N processes and tells each one who it
+``torchrun --standalone --nproc-per-node N -m vtp.cli pruner ...`` starts N processes and tells each one who it
 is through the environment (``WORLD_SIZE`` = N, ``RANK``, ``LOCAL_RANK``). Each process (rank :math:`r`) holds a
 full copy of the trained model, draws the SAME global batch of :math:`B` samples from the same seeded generator,
 keeps its contiguous slice :math:`S_r` of :math:`B/N` samples, and runs forward and backward on it;
@@ -16,10 +16,13 @@ process would train on the whole batch (to floating-point reassociation). The eq
 to be a mean over samples of equal weight (true here: one answer token per question, per-sample keep ratios)
 and the random draws of the whole batch to agree with the single process: the data generator draws the global
 batch on every rank, and the Gumbel noise of the pruner is drawn for the global batch and sliced
-(:func:`global_noise` around the forward pass, read by :func:`vtp.gumbel.sample_keep_mask`).
+(:func:`global_noise` around the forward pass, read by :func:`vtp.gumbel.sample_keep_mask`; the lesson
+variants that draw their own noise, such as the one-Gumbel sigmoid, draw it per rank: still a valid
+data-parallel run, but not the single process's).
 
-Without ``torchrun`` (``WORLD_SIZE`` unset or 1) every function here is a no-op: :func:`shard_batches` returns its
-input, :func:`mean_over_ranks` its argument, :func:`wrap` the module, so single-process training is unchanged.
+Without ``torchrun`` (``WORLD_SIZE`` unset or 1) the training hooks here change nothing: :func:`shard_batches`
+returns its input, :func:`mean_over_ranks` its argument, :func:`wrap` the module, :func:`on_main` calls its
+function, so single-process training is unchanged, bit for bit.
 NCCL runs the collectives on GPUs, gloo on the CPU.
 """
 from __future__ import annotations
