@@ -407,3 +407,24 @@ def test_position_ids_broadcast_over_the_batch():
         assert torch.allclose(one, logits(model, {**inputs, "position_ids": torch.arange(L).expand(2, L)}), atol=1e-6)
     finally:
         unpatch(model)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_bfloat16_model_with_a_float32_pruner(family):
+    """The usual deployment: a bfloat16 model (on the GPU when there is one) and a float32 pruner."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = make_model(family).to(device, torch.bfloat16)
+    inputs = {k: v.to(device) for k, v in make_inputs(family).items()}
+    inputs["pixel_values"] = inputs["pixel_values"].to(torch.bfloat16)
+    reference = generate(model, inputs)
+    pruner = make_pruner(model)
+    patch(model, pruner.to(device), ratio=1.0)
+    try:
+        assert torch.equal(generate(model, inputs), reference)
+        model.vtp_ratio = 0.25
+        generate(model, inputs)
+        state = model.vtp_last
+        assert state.keep_prob.dtype == torch.float32 and pruner.scorer[0].weight.dtype == torch.float32
+        assert torch.equal(state.mask.sum(-1).long(), torch.round(0.25 * state.valid.sum(-1).float()).long())
+    finally:
+        unpatch(model)
