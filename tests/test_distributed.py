@@ -2,6 +2,7 @@
 the concatenated batch; bad world sizes fail before training; a resumed two-rank run ends where the
 uninterrupted one does."""
 import os
+import shutil
 import socket
 
 import pytest
@@ -82,6 +83,9 @@ def _worker(rank, port, out_dir):
         with pytest.raises(_Interrupted):
             _train(teacher, proc, stop_after=5, checkpoint=ckpt, checkpoint_every=4)
         dist.barrier()  # rank 0 has written the checkpoint of step 4
+        if rank == 0:  # kept for a one-process resume
+            shutil.copy(ckpt, os.path.join(out_dir, "step4.pt"))
+        dist.barrier()
         resumed = _train(teacher, proc, checkpoint=ckpt, checkpoint_every=4)
         run["resumed_state"] = resumed["state"]
         run["resumed_from"] = len(run["steps"]) - len(resumed["steps"])
@@ -105,6 +109,7 @@ def runs(tmp_path_factory):
     teacher, proc = _teacher()
     single = _train(teacher, proc)
     single["teacher"] = _train_teacher()
+    single["resumed_state"] = _train(teacher, proc, checkpoint=str(out / "step4.pt"))["state"]
     return ranks, single
 
 
@@ -137,6 +142,10 @@ def test_resumed_two_rank_run_ends_as_the_uninterrupted_one(runs):
     assert ranks[0]["resumed_from"] == 4  # the checkpoint of step 4, written by rank 0, read by both
     for r in ranks:
         assert all(torch.equal(v, r["state"][k]) for k, v in r["resumed_state"].items())
+    # the global batches do not depend on the number of processes: one process resumes the two ranks' run
+    single = runs[1]
+    for k, v in single["resumed_state"].items():
+        assert torch.allclose(v, single["state"][k], rtol=1e-4, atol=1e-6), k
 
 
 def test_batch_checks():
