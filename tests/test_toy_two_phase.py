@@ -46,3 +46,13 @@ def test_fixed_penalty_next_to_the_dual_controller():
     _, both = train_importance_pruner(direction, dual_lr=1.0, sparsity_weight=20.0, penalty_with_dual=True, steps=300)
     held = lambda r: abs(sum(r[-100:]) / 100 - 0.25) < 0.02 and max(r[-150:]) - min(r[-150:]) < 0.15
     assert held(both) and not held(alone)
+
+
+def test_budget_cycling_serves_every_budget():
+    task = RedundantTask()
+    budgets = (4 / 16, 8 / 16)
+    cyc = train_two_phase(task, 200, 100, phase2_ratios=budgets, eval_ratios=budgets, runs=16)["final_mse"]
+    four = train_two_phase(task, 200, 100, eval_ratios=budgets, runs=16)["final_mse"]
+    assert set(cyc) == set(budgets) and cyc[8 / 16] < four[8 / 16] - 0.2 and cyc[4 / 16] < four[4 / 16] + 0.3
+    with pytest.raises(ValueError):
+        train_two_phase(task, 10, 10, phase2_ratios=(0.0,))

@@ -418,7 +418,7 @@ class RedundantTask:
 def train_two_phase(task: RedundantTask, phase1_steps: int = 200, phase2_steps: int = 100, phase2: str = "topk",
                     runs: int = 32, batch: int = 16, lr: float = 0.05, phase2_pruner_lr: float = 0.005,
                     sparsity_weight: float = 2.0, binarize_weight: float = 0.0, eval_every: int = 10,
-                    seed: int = 0) -> dict:
+                    seed: int = 0, phase2_ratios: tuple | None = None, eval_ratios: tuple = ()) -> dict:
     r"""Free keep logits :math:`\theta` and a read-out :math:`a` (init 0), :math:`\hat y = \sum_i m_i a_i v_i`,
     trained with Adam in two phases (``runs`` independent runs in parallel).
 
@@ -431,9 +431,13 @@ def train_two_phase(task: RedundantTask, phase1_steps: int = 200, phase2_steps: 
     ``binarize_weight`` :math:`w_b` adds :math:`w_b(t)\,\overline{p(1-p)}` to the sampled steps, ramped linearly
     from 0 at the middle of phase 1 to :math:`w_b` at its end (the binarization ramp of lesson 07's recipe).
 
+    ``phase2_ratios`` makes the top-k phase cycle through several budgets, one per step (budget cycling: one
+    model for every budget); the phase-1 target stays ``task.ratio``.
+
     Returns ``dict(step, deployed_mse, sampled_mse, coverage, keep_ratio)``, lists evaluated every ``eval_every``
     steps on a fixed batch: the error with the deterministic top-k mask (deployment) and with Bernoulli samples of
-    the keep probabilities (the training law), the share of latents top-k covers and the mean keep probability.
+    the keep probabilities (the training law), the share of latents top-k covers and the mean keep probability;
+    plus ``final_mse``, ``{ratio: deployed error at the end}`` for each of ``eval_ratios``.
     """
     if phase2 not in ("topk", "sample"):
         raise ValueError(f'phase2 must be "topk" or "sample", got {phase2!r}')
@@ -448,7 +452,12 @@ def train_two_phase(task: RedundantTask, phase1_steps: int = 200, phase2_steps: 
     readout = torch.zeros(runs, task.n_tokens, requires_grad=True)
     opt = torch.optim.Adam([{"params": [theta]}, {"params": [readout]}], lr=lr)
     rho = task.ratio
+    cycle = tuple(check_ratio(r, "phase2_ratios") for r in phase2_ratios) if phase2_ratios else (rho,)
     hist = dict(step=[], deployed_mse=[], sampled_mse=[], coverage=[], keep_ratio=[])
+
+    def deployed(ratio, v, y):
+        top = topk_keep_mask(torch.sigmoid(theta.detach()), ratio).unsqueeze(1)
+        return top, float(((top * readout.detach().unsqueeze(1) * v).sum(-1) - y).pow(2).mean())
 
     def evaluate(step):
         eval_gen = torch.Generator().manual_seed(seed + 10_000)
@@ -472,11 +481,14 @@ def train_two_phase(task: RedundantTask, phase1_steps: int = 200, phase2_steps: 
             extra = sparsity_weight * ((p.mean(-1) - rho) ** 2).mean() + binarize_weight * ramp * (p * (1 - p)).mean()
         else:
             opt.param_groups[0]["lr"] = phase2_pruner_lr
-            mask, extra = topk_straight_through(_two_class(theta), rho).unsqueeze(1), 0.0
+            ratio = cycle[(step - phase1_steps) % len(cycle)]
+            mask, extra = topk_straight_through(_two_class(theta), ratio).unsqueeze(1), 0.0
         loss = ((mask * readout.unsqueeze(1) * v).sum(-1) - y).pow(2).mean() + extra
         opt.zero_grad()
         loss.backward()
         opt.step()
         if (step + 1) % eval_every == 0:
             evaluate(step + 1)
+    v, y = task.batch(runs, 256, torch.Generator().manual_seed(seed + 20_000))
+    hist["final_mse"] = {float(r): deployed(check_ratio(r, "eval_ratios"), v, y)[1] for r in eval_ratios}
     return hist
