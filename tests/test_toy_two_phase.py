@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from vtp.toy import RedundantTask, SelectionTask, train_importance_pruner, train_selection, train_two_phase
+from vtp.toy import (RedundantTask, SelectionTask, train_importance_pruner, train_question_scorer, train_selection,
+                     train_two_phase)
 
 
 def test_redundant_task_shapes_and_coverage():
@@ -56,3 +57,13 @@ def test_budget_cycling_serves_every_budget():
     assert set(cyc) == set(budgets) and cyc[8 / 16] < four[8 / 16] - 0.2 and cyc[4 / 16] < four[4 / 16] + 0.3
     with pytest.raises(ValueError):
         train_two_phase(task, 10, 10, phase2_ratios=(0.0,))
+
+
+def test_question_aware_scorer_keeps_what_each_question_needs():
+    task = RedundantTask()
+    blind = train_question_scorer(task, question_aware=False, runs=16)
+    aware = train_question_scorer(task, question_aware=True, runs=16)
+    assert min(aware["coverage"]) > 0.9 > 0.7 > max(blind["coverage"])
+    assert max(aware["mse"]) < min(blind["mse"]) - 0.3
+    with pytest.raises(ValueError):
+        train_question_scorer(RedundantTask(n_latent=3), question_aware=True)

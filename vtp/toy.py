@@ -32,7 +32,7 @@ from .schedules import get_temperature
 __all__ = [
     "ESTIMATORS", "MaskObjective", "bias_variance", "gumbel_max_sample", "chi_square_test",
     "importance_batch", "train_importance_pruner", "importance_report", "SelectionTask", "train_selection",
-    "RedundantTask", "train_two_phase",
+    "RedundantTask", "train_two_phase", "train_question_scorer",
 ]
 
 ESTIMATORS = ("reinforce", "ste", "gumbel_soft", "gumbel_hard")
@@ -492,3 +492,63 @@ def train_two_phase(task: RedundantTask, phase1_steps: int = 200, phase2_steps: 
     v, y = task.batch(runs, 256, torch.Generator().manual_seed(seed + 20_000))
     hist["final_mse"] = {float(r): deployed(check_ratio(r, "eval_ratios"), v, y)[1] for r in eval_ratios}
     return hist
+
+
+def train_question_scorer(task: RedundantTask, question_aware: bool, phase1_steps: int = 200, phase2_steps: int = 100,
+                          runs: int = 32, batch: int = 16, lr: float = 0.05, phase2_pruner_lr: float = 0.005,
+                          sparsity_weight: float = 2.0, seed: int = 0) -> dict:
+    r"""Two question types over :class:`RedundantTask` tokens: question 0 asks for the sum of the first half of the
+    latents, question 1 for the second half, and the budget keeps one copy of each latent *one* question needs
+    (``n_latent / 2`` tokens). The read-out is per question (the downstream model reads the question); the keep
+    logits are per question when ``question_aware`` (a scorer that reads the question), shared otherwise.
+
+    Same two phases as :func:`train_two_phase` (hard Gumbel masks with :math:`\tau` 5 -> 0.1, then top-k with the
+    straight-through surrogate). Returns ``dict(mse=[per question], coverage=[per question])`` with the
+    deployed top-k mask on a fixed batch: the error and the share of the latents each question needs that the
+    kept tokens cover.
+    """
+    if task.n_latent % 2:
+        raise ValueError(f"n_latent must be even (two questions), got {task.n_latent}")
+    half, n_ev = task.n_latent // 2, task.n_latent * task.copies
+    rho = half / task.n_tokens
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    theta = torch.randn(runs, 2 if question_aware else 1, task.n_tokens, generator=gen).requires_grad_(True)
+    readout = torch.zeros(runs, 2, task.n_tokens, requires_grad=True)
+    opt = torch.optim.Adam([{"params": [theta]}, {"params": [readout]}], lr=lr)
+    rows = torch.arange(runs).unsqueeze(1)
+
+    def draw(size, generator):
+        v, _ = task.batch(runs, size, generator)  # tokens; the latents are recovered from a fresh draw below
+        z = torch.randn(runs, size, task.n_latent, generator=generator)
+        v[..., :n_ev] = z.repeat_interleave(task.copies, -1) + task.token_noise * torch.randn(
+            runs, size, n_ev, generator=generator)
+        q = torch.randint(0, 2, (runs, size), generator=generator)
+        y = torch.where(q == 0, z[..., :half].sum(-1), z[..., half:].sum(-1)) + task.noise * torch.randn(
+            runs, size, generator=generator)
+        return v, y, q
+
+    def pick(q):  # keep logits [runs, size, N] and read-out [runs, size, N] of each sample's question
+        return theta[rows, q if question_aware else torch.zeros_like(q)], readout[rows, q]
+
+    for step in range(phase1_steps + phase2_steps):
+        v, y, q = draw(batch, gen)
+        logits, a = pick(q)
+        if step < phase1_steps:
+            mask = sample_keep_mask(_two_class(logits), get_temperature(step, phase1_steps, 5.0, 0.1))
+            extra = sparsity_weight * ((torch.sigmoid(theta).mean(-1) - rho) ** 2).mean()
+        else:
+            opt.param_groups[0]["lr"] = phase2_pruner_lr
+            mask, extra = topk_straight_through(_two_class(logits), rho), 0.0
+        loss = ((mask * a * v).sum(-1) - y).pow(2).mean() + extra
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        v, y, q = draw(512, torch.Generator().manual_seed(seed + 10_000))
+        logits, a = pick(q)
+        top = topk_keep_mask(torch.sigmoid(logits), rho)
+        err = ((top * a * v).sum(-1) - y).pow(2)
+        kept = top[..., :n_ev].unflatten(-1, (task.n_latent, task.copies)).sum(-1) > 0  # [runs, size, latents]
+        need = torch.where(q.unsqueeze(-1) == 0, kept[..., :half], kept[..., half:]).float().mean(-1)
+        return dict(mse=[float(err[q == k].mean()) for k in (0, 1)], coverage=[float(need[q == k].mean()) for k in (0, 1)])
