@@ -40,7 +40,7 @@ __all__ = [
 
 
 TAU_MIN = 1e-6
-"""Smallest temperature accepted. Below it nothing changes in the hard sample (the argmax), the
+r"""Smallest temperature accepted. Below it nothing changes in the hard sample (the argmax), the
 straight-through gradient peaks at :math:`1/(4\tau) > 2.5\cdot10^5`, and as :math:`\tau` approaches
 :math:`10^{-38}` the quotient :math:`(l + g)/\tau` leaves the float32 range and the mask turns NaN."""
 
