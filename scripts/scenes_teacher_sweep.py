@@ -196,8 +196,8 @@ def _summary(names, out_dir: Path, logs: dict, wall: float) -> dict:
     if ranking:
         best = ok[ranking[0]]
         acc, per = best["test"]["accuracy"], best["test"]["per_family"]
-        summary["best"] = {k: best[k] for k in ("name", "recipe", "device", "steps", "train_time_s", "test", "blank",
-                                                "random_64", "visionzip_64", "evidence_oracle_64")}
+        summary["best"] = {k: best.get(k) for k in ("name", "recipe", "device", "steps", "train_time_s", "test",
+                                                    "blank", "random_64", "visionzip_64", "evidence_oracle_64")}
         summary["goals"] = {"teacher >= 0.97 overall": acc >= 0.97,
                             "teacher >= 0.93 on every family": min(per.values()) >= 0.93,
                             "random at 64/576 >= 10 points below the teacher": acc - best["random_64"]["mean"] >= 0.10}
