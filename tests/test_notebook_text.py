@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+APPENDICES = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("appendix_*.ipynb"))
 CHECKED = NOTEBOOKS
 MAX_WORDS = 300
 
@@ -27,7 +28,7 @@ def test_every_lesson_is_checked():
     assert len(NOTEBOOKS) >= 10 and CHECKED == NOTEBOOKS
 
 
-@pytest.mark.parametrize("path", CHECKED, ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", CHECKED + APPENDICES, ids=lambda p: p.stem)
 def test_no_markdown_cell_over_300_words(path):
     long = [(i, len(_text(c).split())) for i, c in enumerate(_cells(path))
             if c["cell_type"] == "markdown" and len(_text(c).split()) > MAX_WORDS]
