@@ -56,7 +56,7 @@ def test_variants_run(teacher):
 def test_cli_pruner(tmp_path, monkeypatch, teacher, capsys):
     model, proc = teacher
     monkeypatch.setattr("vtp.train.load_or_train_teacher", lambda mode=None: (model, proc, {}))
-    monkeypatch.setattr("vtp.train.PRUNER_PRESETS", {"smoke": _cfg(steps=4, eval_every=0), "full": _cfg()})
+    monkeypatch.setattr("vtp.train.config.PRUNER_PRESETS", {"smoke": _cfg(steps=4, eval_every=0), "full": _cfg()})
     out = tmp_path / "r.json"
     ckpt = tmp_path / "run.pt"
     main(["pruner", "--mode", "smoke", "--ratio", "0.5", "--out", str(out), "--checkpoint", str(ckpt)])
@@ -205,7 +205,7 @@ def test_phase_2_ends_in_its_best_validated_state(teacher, monkeypatch):
         seen.append((step, acc, {k: v.clone() for k, v in vlm.state_dict().items()}))
         return EvalResult(acc, {}, 1, 1.0, 0.25, torch.zeros(1))
 
-    monkeypatch.setattr("vtp.train.accuracy", fake_accuracy)
+    monkeypatch.setattr("vtp.train.pruner.accuracy", fake_accuracy)
     student, h = train_pruner(model, proc, _cfg(steps=4, eval_every=2, adapt_steps=6, adapt_pruner=True),
                               val_data=object())
     assert [v["step"] for v in h["val"]] == [2, 4, 4, 6, 8, 10]

@@ -20,6 +20,8 @@ import json
 from pathlib import Path
 
 from . import distributed, train
+from .data import encode_split, load_split
+from .evaluate import accuracy
 from .pruner import check_ratio
 
 __all__ = ["main", "build_parser"]
@@ -123,7 +125,7 @@ def _teacher(args, cfg) -> None:
     model, processor, history = train.train_teacher(cfg)
     if not distributed.is_main():  # under torchrun: rank 0 evaluates, prints and saves
         return
-    res = train.accuracy(model, train.load_split("test"), processor)
+    res = accuracy(model, load_split("test"), processor)
     print(json.dumps({"test_accuracy": res.accuracy, "per_type": res.per_type, "device": history["device"],
                       "train_time_s": history["train_time_s"], "steps": history["steps_done"],
                       "val": history["val"], "parameters": history["parameters"], "config": history["config"]},
@@ -138,14 +140,14 @@ def _pruner(args, cfg) -> None:
     student, history = train.train_pruner(teacher, processor, cfg, checkpoint=args.checkpoint)
     if not distributed.is_main():  # under torchrun: rank 0 evaluates, prints and saves
         return
-    test = train.encode_split(train.load_split("test"), processor, next(student.parameters()).device)
-    res = train.accuracy(student, test, processor, ratio=cfg.target_ratio)
+    test = encode_split(load_split("test"), processor, next(student.parameters()).device)
+    res = accuracy(student, test, processor, ratio=cfg.target_ratio)
     summary = {"ratio": cfg.target_ratio, "seed": cfg.seed, "test_accuracy": res.accuracy, "per_type": res.per_type,
                "visual_tokens": res.visual_tokens, "final_training_keep_ratio": history["keep_ratio"][-1],
                "val": history["val"], "train_time_s": history["train_time_s"], "device": history["device"]}
     if cfg.adapt_ratios:
         summary["test_accuracy_by_budget"] = {
-            f"{r:.4f}": train.accuracy(student, test, processor, ratio=r).accuracy for r in cfg.adapt_ratios}
+            f"{r:.4f}": accuracy(student, test, processor, ratio=r).accuracy for r in cfg.adapt_ratios}
     print(json.dumps(summary, indent=2))
     if args.out:
         Path(args.out).write_text(json.dumps(summary, indent=2))
