@@ -146,3 +146,16 @@ def test_remove_tokens_keeps_order_and_positions():
     assert r.embeds[0, :3, 0].tolist() == [0.0, 2.0, 4.0] and r.embeds[0, 3, 0] == 0
     with pytest.raises(ValueError, match="keep must have shape"):
         remove_tokens(x, keep[:, :4])
+
+
+def test_attention_implementation_switches_and_restores_after_an_error():
+    from vtp.attention import attention_implementation
+
+    lm = build_llava("smoke").model.language_model
+    before = lm.config._attn_implementation
+    with attention_implementation(lm, "eager") as m:
+        assert m is lm and lm.config._attn_implementation == "eager"
+    assert lm.config._attn_implementation == before
+    with pytest.raises(RuntimeError), attention_implementation(lm, POLICY_ATTENTION):
+        raise RuntimeError("inside")
+    assert lm.config._attn_implementation == before

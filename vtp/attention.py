@@ -44,6 +44,7 @@ __all__ = [
     "EXP_CAP",
     "policy_softmax",
     "policy_attention_forward",
+    "attention_implementation",
     "policy_attention",
     "register_policy_attention",
     "Removed",
@@ -134,16 +135,23 @@ register_policy_attention()
 
 
 @contextlib.contextmanager
-def policy_attention(model):
-    """Temporarily run ``model`` (a transformers model, e.g. the LLaVA language model) with the
-    policy-weighted attention; pass ``keep_policy=`` to its ``forward``. Restores the previous setting."""
+def attention_implementation(model, implementation: str):
+    """Temporarily run ``model`` (a transformers model) with the attention function registered under
+    ``implementation`` (``"eager"``, ``"sdpa"``, :data:`POLICY_ATTENTION` or one registered with
+    ``transformers.AttentionInterface``); restores the previous setting on exit, also after an error."""
     config = model.config
     previous = config._attn_implementation
-    config._attn_implementation = POLICY_ATTENTION
+    config._attn_implementation = implementation
     try:
         yield model
     finally:
         config._attn_implementation = previous
+
+
+def policy_attention(model):
+    """Temporarily run ``model`` (a transformers model, e.g. the LLaVA language model) with the
+    policy-weighted attention; pass ``keep_policy=`` to its ``forward``. Restores the previous setting."""
+    return attention_implementation(model, POLICY_ATTENTION)
 
 
 class Removed(NamedTuple):
