@@ -46,7 +46,7 @@ from .runtime import default_device, device_name, run_mode
 __all__ = ["LLAVA_7B", "TINY", "BenchConfig", "KVCache", "lm_config", "build_lm", "prefill_flops",
            "pruner_flops", "kept_tokens", "speedup_bound", "kv_cache_bytes", "decoder_layer", "DecoderStack",
            "run_layers", "prefill", "PrunedPrefill", "reference_removal", "time_ms", "run_benchmark", "check_goals",
-           "format_table", "main"]
+           "format_table", "write_results", "main"]
 
 LLAVA_7B = dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
                 intermediate_size=11008, vocab_size=32000)
@@ -510,12 +510,16 @@ def main(argv=None) -> dict:
         print(CPU_CAVEAT, flush=True)
     res = run_benchmark(cfg, log=lambda s: print(s, flush=True))
     print(format_table(res, prefill=False))
-    out = a.out or (None if smoke else "results/09_inference_speed.json")
+    write_results(res, a.out or (None if smoke else "results/09_inference_speed.json"))
+    return res
+
+
+def write_results(res: dict, out: str | None):
+    """Write ``res`` as indented JSON to ``out`` (its folder created) and say so; nothing when ``out`` is None."""
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(res, indent=1) + "\n")
         print(f"wrote {out}")
-    return res
 
 
 if __name__ == "__main__":

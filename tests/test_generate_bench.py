@@ -1,0 +1,180 @@
+"""Tests of vtp.generate_bench on a CPU, tiny shapes: the smoke run and its JSON, the pipeline's FLOPs model against
+torch's FlopCounterMode, the pruned pipeline really feeds k visual tokens to the language model, ratio 1 generates
+the unpatched model's tokens, goals and bad input."""
+import json
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import vtp
+from vtp.benchmark import CPU_CAVEAT, kept_tokens
+from vtp.generate_bench import (GenerateBenchConfig, build_llava_model, cache_of, check_goals, decode_bound,
+                                format_table, generate, llava_config, main, make_inputs, make_pruner, pipeline_bound,
+                                pipeline_flops, vision_flops)
+
+N_TEXT, BEFORE = 8, 3
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """Tiny LLaVA (16 visual tokens), a question-aware pruner, and a batch of 2 prompts (float32, CPU)."""
+    config = llava_config("tiny", "tiny")
+    model = build_llava_model(config, "cpu", torch.float32, seed=0)
+    pruner = make_pruner(config, "cpu", torch.float32, seed=1)
+    inputs = make_inputs(config, 2, N_TEXT, BEFORE, seed=3, device="cpu", dtype=torch.float32)
+    return config, model, pruner, inputs
+
+
+def test_smoke_cli_writes_json_with_the_schema(tmp_path, capsys):
+    out = tmp_path / "gen.json"
+    res = main(["--smoke", "--out", str(out)])
+    data = json.loads(out.read_text())
+    assert data == json.loads(json.dumps(res))
+    assert CPU_CAVEAT in capsys.readouterr().out  # the CPU note: timings not meaningful
+    for key in ("device", "torch", "mode", "config", "pruner", "n_visual", "lm_weight_bytes", "flops_per_image",
+                "rows", "goals", "seconds"):
+        assert key in data, key
+    assert "question-aware" in data["pruner"]
+    cfg = GenerateBenchConfig.smoke()
+    assert len(data["rows"]) == len(cfg.batches) * (1 + len(cfg.ratios))
+    row_keys = {"pruned", "batch", "keep_ratio", "visual_kept", "seq_len", "ttft_ms", "ttft_iqr_ms", "generate_ms",
+                "decode_step_ms", "decode_tokens_per_s", "end_to_end_tokens_per_s", "flops", "tflops_ttft",
+                "kv_cache_mb", "pipeline_bound", "decode_bound", "vision_ms", "ttft_speedup", "fraction_of_bound",
+                "decode_speedup"}
+    for r in data["rows"]:
+        assert row_keys <= set(r), row_keys - set(r)
+        assert r["ttft_ms"] > 0 and r["decode_tokens_per_s"] > 0 and r["seq_len"] == r["visual_kept"] + cfg.n_text
+        assert set(r["flops"]) == {"vision", "pruner", "prefill", "total"}
+    kept = [(r["batch"], r["pruned"], r["visual_kept"]) for r in data["rows"]]
+    assert kept == [(B, p, k) for B in cfg.batches for p, k in [(False, 16), (True, 16), (True, 8), (True, 4)]]
+    assert data["goals"] == []  # no batch-8 row with 64 visual tokens in the smoke run
+    assert "not evaluated" in format_table(res)
+
+
+def test_vision_flops_hand_checked(tiny):
+    config = tiny[0]
+    # tiny CLIP: P = (32/8)^2 = 16 patches, T = 17 tokens, d_v = 32, f_v = 64, 2 layers; language width d = 64.
+    f = vision_flops(config)
+    assert f["patch_embed"] == 2 * 16 * (3 * 8 * 8) * 32
+    assert f["per_layer"] == 2 * 17 * 4 * 32**2 + 4 * 32 * 17**2 + 2 * 17 * 2 * 32 * 64
+    assert f["projector"] == 2 * 16 * (32 * 64 + 64 * 64)
+    assert f["total"] == f["patch_embed"] + 2 * f["per_layer"] + f["projector"] == 1_024_256
+    assert vision_flops(config, batch=3)["total"] == 3 * f["total"]
+    big = vision_flops(llava_config())["total"]  # the module docstring's 0.41 TFLOPs per image
+    assert 0.40e12 < big < 0.42e12
+
+
+def test_vision_flops_match_flop_counter(tiny):
+    """Exact (tolerance 0): the model counts the matrix products (patch convolution, projections, attention
+    scores and values, MLP, projector) that torch counts. Eager attention: FlopCounterMode does not count the CPU
+    SDPA kernel; the eager path computes the same products as matmuls."""
+    config = tiny[0]
+    model = build_llava_model(config, "cpu", torch.float32, seed=0, attn_implementation="eager")
+    pixels = make_inputs(config, 3, N_TEXT, BEFORE, device="cpu", dtype=torch.float32)["pixel_values"]
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        model.model.get_image_features(pixel_values=pixels, vision_feature_layer=config.vision_feature_layer,
+                                       vision_feature_select_strategy=config.vision_feature_select_strategy)
+    assert fc.get_total_flops() == vision_flops(config, batch=3)["total"]
+
+
+@pytest.mark.parametrize("ratio", [None, 0.25])
+def test_pipeline_flops_match_flop_counter_through_generate(tiny, ratio):
+    """The whole TTFT path, generate(max_new_tokens=1): vision tower, projector, pruner, prefill of the kept tokens
+    and the last token's logits, counted by torch (eager attention: full L x L scores, so causal=False). Exact up
+    to the rotary table (inv_freq x positions, B * head_dim * L FLOPs), which some transformers versions compute
+    as a matrix product (5.17) and others not (5.24): about 1e-5 of a layer's FLOPs at the LLaVA-7B shape."""
+    config, _, pruner, inputs = tiny
+    model = build_llava_model(config, "cpu", torch.float32, seed=0, attn_implementation="eager")
+    kept = None
+    if ratio is not None:
+        vtp.patch(model, pruner, ratio=ratio)
+        kept = kept_tokens(ratio, 16)
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        generate(model, inputs, 1)
+    flops = pipeline_flops(config, kept, N_TEXT, batch=2, causal=False)["total"]
+    text = config.text_config
+    L = (16 if kept is None else kept) + N_TEXT
+    assert 0 <= fc.get_total_flops() - flops <= 2 * (text.hidden_size // text.num_attention_heads) * L
+
+
+@pytest.mark.parametrize("ratio", [1.0, 0.5, 0.25, 1 / 16])
+def test_pruned_pipeline_feeds_k_visual_tokens_to_the_language_model(tiny, ratio):
+    config, model, pruner, inputs = tiny
+    k = kept_tokens(ratio, 16)
+    seen = []
+    hook = model.model.language_model.layers[0].register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs.get("hidden_states", args[0] if args else None).shape[1]),
+        with_kwargs=True)
+    vtp.patch(model, pruner, ratio=ratio)
+    try:
+        with torch.no_grad():
+            out = generate(model, inputs, 1, return_dict_in_generate=True)
+        assert cache_of(out).get_seq_length() == k + N_TEXT  # the cache after prefill: k visual + text
+        assert seen == [k + N_TEXT]  # the first decoder layer's input at prefill
+        assert model.vtp_last.n_visual.tolist() == [k, k]
+    finally:
+        vtp.unpatch(model)
+        hook.remove()
+
+
+def test_ratio_one_generates_the_unpatched_tokens(tiny):
+    config, model, pruner, inputs = tiny
+    with torch.no_grad():
+        ref = generate(model, inputs, 6)
+        vtp.patch(model, pruner, ratio=1.0)
+        try:
+            same = generate(model, inputs, 6)
+            model.vtp_ratio = 0.25
+            pruned = generate(model, inputs, 6)
+        finally:
+            vtp.unpatch(model)
+    assert ref.shape == (2, inputs["input_ids"].shape[1] + 6)
+    assert torch.equal(same, ref)
+    assert pruned.shape == ref.shape  # pruned generation still returns the prompt and 6 new tokens
+
+
+def test_bounds_on_the_llava_7b_shape():
+    config = llava_config()
+    assert [kept_tokens(r, 576) for r in GenerateBenchConfig().ratios] == [576, 192, 128, 64]
+    b = {k: pipeline_bound(config, k, 64, batch=8) for k in (192, 128, 64)}
+    assert 1 < b[192] < b[128] < b[64] < 4.5  # the vision tower is a fixed cost: below the language model's ~5x
+    assert pipeline_bound(config, 576, 64, 8) < 1  # ratio 1 pays the pruner for nothing
+    weights = 13 * 2**30
+    assert 1 < decode_bound(config, weights, 64, 64, batch=8) < 1.25  # decode reads the weights first
+
+
+def test_goal_is_met_or_not_met_at_batch_8_and_64_tokens():
+    row = dict(pruned=True, batch=8, visual_kept=64, fraction_of_bound=0.9, decode_speedup=1.02, decode_bound=1.15)
+    goals = check_goals({"rows": [row, dict(row, batch=1)]})
+    assert [g["met"] for g in goals] == [True, None]  # the TTFT goal; decode reported without a target
+    text = format_table({"device": "GPU", "rows": [], "goals": goals})
+    assert "-> met" in text and "-> reported" in text
+    goals = check_goals({"rows": [dict(row, fraction_of_bound=0.8)]})
+    assert goals[0]["met"] is False and "-> not met" in format_table({"device": "GPU", "rows": [], "goals": goals})
+
+
+@pytest.mark.parametrize("kw, name", [(dict(ratios=(0.0,)), "ratio"), (dict(ratios=(1.5,)), "ratio"),
+                                      (dict(batches=(0,)), "batch"), (dict(batches=()), "batches"),
+                                      (dict(vision="vit-h"), "vision"), (dict(repeats=0), "repeats"),
+                                      (dict(text_before=99), "text_before")])
+def test_bad_config_raises_naming_the_argument(kw, name):
+    with pytest.raises(ValueError, match=name):
+        GenerateBenchConfig.smoke(**kw).validate()
+
+
+def test_bad_inputs_raise_naming_the_argument(tiny):
+    config = tiny[0]
+    with pytest.raises(ValueError, match="batch"):
+        make_inputs(config, 0)
+    with pytest.raises(ValueError, match="batch"):
+        vision_flops(config, batch=0)
+    with pytest.raises(ValueError, match="kept"):
+        pipeline_flops(config, 17)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised without a GPU")
+def test_full_without_a_gpu_is_an_argparse_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--full"])
+    assert e.value.code == 2 and "--full" in capsys.readouterr().err

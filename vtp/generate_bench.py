@@ -1,0 +1,412 @@
+r"""End-to-end speed of a patched LLaVA through ``generate()``: time to first token and decode tokens/s.
+
+:mod:`vtp.benchmark` times the language model's prefill alone. Here the whole path a user runs is timed: a
+``LlavaForConditionalGeneration`` shaped like LLaVA-1.5-7B, *vision tower included*, with random weights
+(CLIP ViT-L/14-336 shape: 24 layers, width 1024, 16 heads, patch 14, 336 px -> 576 visual tokens; a two-layer
+GELU MLP projector 1024 -> 4096 -> 4096; a Llama-7B-shaped language model: 32 layers, width 4096, 32 heads, MLP
+11008; bfloat16, SDPA attention), pruned in place by :func:`vtp.patch` with a **question-aware**
+:class:`~vtp.GumbelVisionPruner` (``text_dim`` = 4096, top-k rule; its question projection gets random weights,
+as in :mod:`vtp.benchmark`, so it really reads the question).
+
+* **TTFT** (time to first token) = ``model.generate(max_new_tokens=1)``: vision tower, projector, pruner, token
+  removal, prefill of the kept tokens, the last token's logits and the greedy pick, generate's own bookkeeping
+  included. The baseline is the same model *unpatched*.
+* **Decode**: ``generate(max_new_tokens=1 + n)`` minus TTFT is the time of ``n`` decode steps;
+  tokens/s = :math:`B n / (t_{1+n} - t_1)`. Eager transformers decoding with the dynamic KV cache.
+
+**FLOPs model of the pipeline** (a multiply-add = 2 FLOPs; matrix products only, as ``FlopCounterMode``
+counts them: norms, activations, softmax and residual adds are left out). Vision tower (CLIP), batch
+:math:`B`, :math:`P = (\text{image}/p)^2` patches, :math:`T = P + 1` tokens ([CLS]), width :math:`d_v`, MLP width
+:math:`f_v`, :math:`C` channels:
+
+.. math::
+    F_\text{patch} = 2BP\,(Cp^2)\,d_v,\qquad \text{per layer: } F_\text{proj} = 2BT\cdot 4d_v^2,\quad
+    F_\text{attn} = 4B\,d_v\,T^2 \text{ (bidirectional)},\quad F_\text{mlp} = 2BT\cdot 2d_v f_v,
+
+over **all** :math:`n_v` layers (LLaVA reads layer -2, but transformers runs the whole tower), and the projector
+on the :math:`P` patch tokens ([CLS] dropped), :math:`F_\text{mm} = 2BP(d_v d + d^2)`. For LLaVA-1.5-7B:
+:math:`F_\text{vision} \approx 0.41` TFLOPs per image (the language model's prefill of 640 tokens is
+:math:`\approx 8.4` TFLOPs). The pruner (:func:`vtp.benchmark.pruner_flops`) and the prefill
+(:func:`vtp.benchmark.prefill_flops`, causal) complete the pipeline:
+
+.. math::
+    F_\text{pipe}(k) = F_\text{vision} + [k < N]\,F_\text{pruner} + F_\text{prefill}(k + n_\text{text}),\qquad
+    \text{bound} = F_\text{pipe}(N) / F_\text{pipe}(k).
+
+The vision tower is a fixed cost that pruning cannot touch, so the bound at 64 of 576 tokens is about 4.2x, not
+the language model's 5x. **Decode** reads every weight and the KV cache once per step; at these lengths the
+weights dominate (13 GB against 0.3-2.7 GB of cache at batch 1-8), so the bound on the decode speedup is
+the byte ratio :math:`(W + \text{KV}(N + n_\text{text})) / (W + \text{KV}(k + n_\text{text}))` (about 1.15 at
+batch 8), and eager transformers decoding is limited by Python and kernel launches before either.
+
+**Timing**: :func:`vtp.benchmark.time_ms` (CUDA events, the GPU synchronised before every call), after warm-up
+calls, median of ``repeats``. On a CPU the timings are not meaningful (a note says so, as in
+:mod:`vtp.benchmark`). Goal: TTFT speedup :math:`\ge 0.85\times` the bound at batch 8 and 64 visual tokens.
+
+**Run time** of ``python -m vtp.generate_bench --full`` on one H200 (estimate): building the 7B model with random
+weights on the GPU, ~0.5-1 min; TTFT, 5 timed + 2 warm-up calls at batch 1 and 8 for the baseline and 4 ratios,
+< 10 s; decode (33-token generations, 1 warm-up + 3 timed, ~20-35 ms per step in eager transformers), ~1-1.5
+min; about 3 minutes in all, well inside 8. Memory: 14 GB of weights plus < 4 GB of cache and activations.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import asdict, dataclass
+from statistics import median
+
+import torch
+from transformers import AutoModelForImageTextToText, CLIPVisionConfig, LlavaConfig
+
+from .benchmark import (CPU_CAVEAT, _iqr, kv_cache_bytes, lm_config, prefill_flops, pruner_flops, time_ms,
+                        write_results)
+from .patch import patch, unpatch
+from .prefill_paths import _pos_int, kept_tokens
+from .pruner import GumbelVisionPruner, check_ratio
+from .runtime import default_device, device_name, run_mode
+
+__all__ = ["VISION_SHAPES", "GenerateBenchConfig", "llava_config", "build_llava_model", "make_pruner", "make_inputs",
+           "vision_flops", "pipeline_flops", "pipeline_bound", "decode_bound", "generate", "cache_of",
+           "run_generate_bench", "check_goals", "format_table", "main"]
+
+CLIP_L14_336 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                    image_size=336, patch_size=14, num_channels=3)
+CLIP_TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+                 patch_size=8, num_channels=3)
+VISION_SHAPES = {"clip-l14-336": CLIP_L14_336, "tiny": CLIP_TINY}
+EXTRA_VOCAB = 64  # llava-hf's LLaVA-1.5: 32000 Llama tokens + 64 (the image token is 32000, the first extra one)
+GOAL_FRACTION, GOAL_BATCH, GOAL_KEPT = 0.85, 8, 64
+
+
+def llava_config(shape="llava-7b", vision="clip-l14-336") -> LlavaConfig:
+    """A ``LlavaConfig`` in LLaVA-1.5's layout: CLIP tower (``vision``, a name in :data:`VISION_SHAPES` or a dict
+    of ``CLIPVisionConfig`` fields), features of layer -2 without [CLS], GELU MLP projector, Llama language model
+    (``shape``, see :func:`vtp.benchmark.lm_config`) with ``EXTRA_VOCAB`` more tokens, the first of them the image
+    token; SDPA attention everywhere."""
+    if isinstance(vision, str):
+        if vision not in VISION_SHAPES:
+            raise ValueError(f"vision must be one of {sorted(VISION_SHAPES)} or a dict, got {vision!r}")
+        vision = VISION_SHAPES[vision]
+    text = lm_config(shape)
+    image_token = text.vocab_size
+    text.vocab_size += EXTRA_VOCAB
+    text.pad_token_id = 0
+    n_patches = (vision["image_size"] // vision["patch_size"]) ** 2
+    config = LlavaConfig(vision_config=CLIPVisionConfig(**vision), text_config=text, image_token_id=image_token,
+                         projector_hidden_act="gelu", vision_feature_select_strategy="default",
+                         vision_feature_layer=-2, image_seq_length=n_patches, tie_word_embeddings=False)
+    config._attn_implementation = "sdpa"
+    return config
+
+
+def build_llava_model(config: LlavaConfig, device=None, dtype=torch.bfloat16, seed: int = 0,
+                      attn_implementation: str = "sdpa"):
+    """Random-weight ``LlavaForConditionalGeneration`` built directly on ``device`` in ``dtype`` (eval mode),
+    greedy generation without an end-of-sequence token (every call generates exactly ``max_new_tokens``)."""
+    torch.manual_seed(seed)
+    with torch.device(device or default_device()):
+        model = AutoModelForImageTextToText.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
+    gc = model.generation_config
+    gc.eos_token_id, gc.pad_token_id, gc.bos_token_id, gc.do_sample = None, 0, None, False
+    return model.eval()
+
+
+def make_pruner(config: LlavaConfig, device=None, dtype=torch.bfloat16, seed: int = 0) -> GumbelVisionPruner:
+    """The question-aware top-k pruner of lesson 07 (``text_dim`` = the language model's width), eval mode; its
+    question projection (zero at initialisation) gets random weights, so scoring reads the question."""
+    d = config.text_config.hidden_size
+    torch.manual_seed(seed)
+    pruner = GumbelVisionPruner(d, rule="topk", text_dim=d)
+    torch.nn.init.normal_(pruner.text_proj.weight, std=d ** -0.5)
+    return pruner.to(device or default_device(), dtype).eval()
+
+
+def make_inputs(config: LlavaConfig, batch: int, n_text: int = 64, text_before: int = 16, seed: int = 0,
+                device=None, dtype=torch.bfloat16) -> dict:
+    """A batch of prompts ``text_before`` text tokens, the image's placeholders, the rest of the ``n_text`` text
+    tokens (random ids, never the image token), no padding; random pixels. Keys: input_ids, attention_mask,
+    pixel_values."""
+    B, n_text = _pos_int(batch, "batch"), _pos_int(n_text, "n_text")
+    if not 0 <= text_before <= n_text:
+        raise ValueError(f"text_before must be in [0, n_text={n_text}], got {text_before}")
+    v = config.vision_config
+    n_visual = (v.image_size // v.patch_size) ** 2
+    g = torch.Generator().manual_seed(seed)
+    text = torch.randint(1, config.image_token_id, (B, n_text), generator=g)
+    image = torch.full((B, n_visual), config.image_token_id)
+    ids = torch.cat([text[:, :text_before], image, text[:, text_before:]], dim=1)
+    pixels = torch.randn(B, v.num_channels, v.image_size, v.image_size, generator=g)
+    device = device or default_device()
+    return dict(input_ids=ids.to(device), attention_mask=torch.ones_like(ids, device=device),
+                pixel_values=pixels.to(device, dtype))
+
+
+# ----------------------------------------------------------------------------------------------- FLOPs model
+def vision_flops(config: LlavaConfig, batch: int = 1) -> dict:
+    """FLOPs of the vision tower and projector for ``batch`` images, by term (see the module docstring):
+    ``patch_embed``, ``proj``, ``attention``, ``mlp`` (all layers), ``projector``, ``per_layer``, ``total``."""
+    B, v, d = _pos_int(batch, "batch"), config.vision_config, config.text_config.hidden_size
+    dv, fv, p = v.hidden_size, v.intermediate_size, v.patch_size
+    P = (v.image_size // p) ** 2
+    T = P + 1  # + [CLS]
+    layer = config.vision_feature_layer
+    n_features = 1 if isinstance(layer, int) else len(layer)  # several layers are concatenated
+    proj = 2 * B * T * 4 * dv * dv  # q, k, v, out
+    attn = 4 * B * dv * T * T  # Q K^T and A V, no causal mask
+    mlp = 2 * B * T * 2 * dv * fv  # fc1, fc2
+    n = v.num_hidden_layers
+    P_out = P if config.vision_feature_select_strategy == "default" else T
+    out = dict(patch_embed=2 * B * P * v.num_channels * p * p * dv, proj=n * proj, attention=n * attn, mlp=n * mlp,
+               projector=2 * B * P_out * (n_features * dv * d + d * d))
+    out.update(per_layer=proj + attn + mlp, total=out["patch_embed"] + n * (proj + attn + mlp) + out["projector"])
+    return out
+
+
+def _n_visual(config: LlavaConfig) -> int:
+    v = config.vision_config
+    return (v.image_size // v.patch_size) ** 2
+
+
+def pipeline_flops(config: LlavaConfig, kept: int | None = None, n_text: int = 64, batch: int = 1,
+                   causal: bool = True, with_pruner: bool | None = None) -> dict:
+    """FLOPs of vision tower + pruner + prefill when the language model sees ``kept`` of the N visual tokens
+    (``None``: N, the unpatched model). The pruner (question-aware) is counted when ``with_pruner`` (default:
+    ``kept`` given, i.e. a patched model, which scores the tokens even at ratio 1). ``causal=False`` counts the
+    full :math:`L \times L` attention scores, as ``FlopCounterMode`` does. Keys ``vision``, ``pruner``,
+    ``prefill``, ``total``."""
+    N = _n_visual(config)
+    k = N if kept is None else _pos_int(kept, "kept")
+    if k > N:
+        raise ValueError(f"kept must be <= the {N} visual tokens per image, got {k}")
+    with_pruner = kept is not None if with_pruner is None else with_pruner
+    text = config.text_config
+    out = dict(vision=vision_flops(config, batch)["total"],
+               pruner=pruner_flops(text.hidden_size, N, batch) if with_pruner else 0,
+               prefill=prefill_flops(text, k + n_text, batch, causal)["total"])
+    out["total"] = out["vision"] + out["pruner"] + out["prefill"]
+    return out
+
+
+def pipeline_bound(config: LlavaConfig, kept: int, n_text: int = 64, batch: int = 1) -> float:
+    """The TTFT speedup FLOPs allow: the unpatched pipeline's FLOPs over the patched one's at ``kept`` visual
+    tokens, pruner included: :math:`F_\\text{pipe}(N) / F_\\text{pipe}(k)`."""
+    return pipeline_flops(config, None, n_text, batch)["total"] / pipeline_flops(config, kept, n_text, batch)["total"]
+
+
+def decode_bound(config: LlavaConfig, weight_bytes: int, kept: int, n_text: int = 64, batch: int = 1,
+                 dtype=torch.bfloat16) -> float:
+    """The decode-step speedup bytes allow (a memory-bound step reads every weight and the whole KV cache):
+    :math:`(W + KV(N + n_\\text{text})) / (W + KV(k + n_\\text{text}))`."""
+    text, N = config.text_config, _n_visual(config)
+    full = weight_bytes + kv_cache_bytes(text, N + n_text, batch, dtype)
+    return full / (weight_bytes + kv_cache_bytes(text, kept + n_text, batch, dtype))
+
+
+# ---------------------------------------------------------------------------------------------- benchmark
+@dataclass
+class GenerateBenchConfig:
+    """What :func:`run_generate_bench` measures: LLaVA-1.5-7B on a GPU by default, ``smoke()`` tiny on a CPU."""
+
+    shape: str = "llava-7b"  # language model, a name in vtp.benchmark.SHAPES
+    vision: str = "clip-l14-336"  # vision tower, a name in VISION_SHAPES
+    batches: tuple = (1, 8)
+    ratios: tuple = (1.0, 192 / 576, 128 / 576, 64 / 576)  # keep ratios: 576 -> 576 / 192 / 128 / 64 tokens
+    n_text: int = 64
+    text_before: int = 16  # text tokens before the image (system prompt); the rest follow it
+    warmup: int = 2
+    repeats: int = 5
+    decode_tokens: int = 32  # decode steps timed per generation
+    decode_warmup: int = 1
+    decode_repeats: int = 3
+    dtype: str = "bfloat16"
+    device: str | None = None
+    seed: int = 0
+
+    @classmethod
+    def smoke(cls, **kw):
+        """Tiny shapes (16 visual tokens), float32, few runs: the code path on a CPU in seconds."""
+        base = dict(shape="tiny", vision="tiny", batches=(1, 2), ratios=(1.0, 0.5, 0.25), n_text=8, text_before=3,
+                    warmup=1, repeats=2, decode_tokens=3, decode_warmup=0, decode_repeats=1, dtype="float32")
+        return cls(**{**base, **kw})
+
+    def validate(self):
+        config = llava_config(self.shape, self.vision)
+        if not self.batches or not self.ratios:
+            raise ValueError(f"batches and ratios must not be empty, got {self.batches}, {self.ratios}")
+        for b in self.batches:
+            _pos_int(b, "batch")
+        for r in self.ratios:
+            check_ratio(r, "ratio")
+        _pos_int(self.n_text, "n_text")
+        if not 0 <= self.text_before <= self.n_text:
+            raise ValueError(f"text_before must be in [0, n_text={self.n_text}], got {self.text_before}")
+        for name in ("repeats", "decode_tokens", "decode_repeats"):
+            _pos_int(getattr(self, name), name)
+        for name in ("warmup", "decode_warmup"):
+            _pos_int(getattr(self, name), name, 0)
+        if self.dtype not in ("bfloat16", "float16", "float32"):
+            raise ValueError(f"dtype must be bfloat16, float16 or float32, got {self.dtype!r}")
+        return config
+
+
+def generate(model, inputs: dict, new_tokens: int, **kwargs):
+    """Greedy ``model.generate`` of exactly ``new_tokens`` tokens (the model has no end-of-sequence token)."""
+    return model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False, **kwargs)
+
+
+def _time_generate(model, inputs, new_tokens, warmup, repeats, device) -> list[float]:
+    return time_ms(lambda: generate(model, inputs, new_tokens), warmup, repeats, device)
+
+
+def _cache_length(model, inputs) -> int:
+    """Tokens in the KV cache after generate's prefill (one new token: the cache holds the prompt only)."""
+    return int(cache_of(generate(model, inputs, 1, return_dict_in_generate=True)).get_seq_length())
+
+
+def cache_of(output):
+    """The KV cache of a ``generate(..., return_dict_in_generate=True)`` output: ``cache`` in newer transformers,
+    ``past_key_values`` before (read only where ``cache`` is missing: newer versions warn on it)."""
+    cache = getattr(output, "cache", None)
+    return output.past_key_values if cache is None else cache
+
+
+def _measure(model, inputs, cfg, device, config, B, kept, weight_bytes, dtype, pruned: bool) -> dict:
+    """One row: TTFT and decode of ``model`` (``pruned``: patched) on ``inputs``, the FLOPs bound beside them."""
+    ttft = _time_generate(model, inputs, 1, cfg.warmup, cfg.repeats, device)
+    long = _time_generate(model, inputs, 1 + cfg.decode_tokens, cfg.decode_warmup, cfg.decode_repeats, device)
+    t1, tn = median(ttft), median(long)
+    cache = _cache_length(model, inputs)
+    if cache != kept + cfg.n_text:
+        raise RuntimeError(f"the KV cache holds {cache} prompt tokens after prefill, expected {kept} visual + "
+                           f"{cfg.n_text} text")
+    flops = pipeline_flops(config, kept if pruned else None, cfg.n_text, B)
+    decode_ms = max(tn - t1, 1e-9) / cfg.decode_tokens
+    return dict(pruned=pruned, batch=B, visual_kept=kept, seq_len=kept + cfg.n_text, ttft_ms=t1,
+                ttft_iqr_ms=_iqr(ttft), generate_ms=tn, decode_step_ms=decode_ms,
+                decode_tokens_per_s=1e3 * B / decode_ms, end_to_end_tokens_per_s=1e3 * B * (1 + cfg.decode_tokens) / tn,
+                flops=flops, tflops_ttft=flops["total"] / t1 / 1e9,
+                kv_cache_mb=kv_cache_bytes(config.text_config, cache, B, dtype) / 2**20,
+                pipeline_bound=pipeline_bound(config, kept, cfg.n_text, B) if pruned else 1.0,
+                decode_bound=decode_bound(config, weight_bytes, kept, cfg.n_text, B, dtype))
+
+
+def _vision_ms(model, pixel_values, cfg, device) -> float:
+    """Median time of the vision tower and projector alone (the part of TTFT that pruning cannot shorten)."""
+    c = model.config
+    fn = lambda: model.model.get_image_features(pixel_values=pixel_values, vision_feature_layer=c.vision_feature_layer,
+                                                vision_feature_select_strategy=c.vision_feature_select_strategy)
+    return median(time_ms(fn, cfg.warmup, cfg.repeats, device))
+
+
+@torch.no_grad()
+def run_generate_bench(cfg: GenerateBenchConfig | None = None, log=print) -> dict:
+    """TTFT and decode tokens/s of the unpatched model and of the patched one at every keep ratio, for every
+    batch of ``cfg``; JSON-ready dict (``rows``: ``pruned`` False for the unpatched baseline; ``goals``)."""
+    cfg = cfg or (GenerateBenchConfig() if run_mode() == "full" else GenerateBenchConfig.smoke())
+    config = cfg.validate()
+    device = torch.device(cfg.device) if cfg.device else default_device()
+    dtype, t0 = getattr(torch, cfg.dtype), time.perf_counter()
+    model = build_llava_model(config, device, dtype, cfg.seed)
+    pruner = make_pruner(config, device, dtype, cfg.seed + 1)
+    N = _n_visual(config)
+    weights = [p for n, p in model.model.language_model.named_parameters() if "embed" not in n]
+    weight_bytes = sum(p.numel() * p.element_size() for p in [*weights, model.lm_head.weight])
+    res = dict(device=device_name(device), torch=torch.__version__, mode=run_mode(), config=asdict(cfg),
+               pruner="question-aware GumbelVisionPruner (text_dim = hidden size), top-k rule, random weights",
+               n_visual=N, lm_weight_bytes=weight_bytes,
+               flops_per_image=dict(vision=vision_flops(config)["total"], pruner=pruner_flops(
+                   config.text_config.hidden_size, N), prefill_full=prefill_flops(config.text_config,
+                                                                                  N + cfg.n_text)["total"]),
+               rows=[])
+    log(f"{res['device']}: model built in {time.perf_counter() - t0:.1f} s")
+    for B in cfg.batches:
+        inputs = make_inputs(config, B, cfg.n_text, cfg.text_before, cfg.seed + B, device, dtype)
+        vision_ms = _vision_ms(model, inputs["pixel_values"], cfg, device)
+        base = _measure(model, inputs, cfg, device, config, B, N, weight_bytes, dtype, pruned=False)
+        base.update(keep_ratio=1.0, vision_ms=vision_ms, ttft_speedup=1.0, fraction_of_bound=1.0, decode_speedup=1.0)
+        res["rows"].append(base)
+        log(_fmt_row(base))
+        patch(model, pruner, ratio=1.0, rule="topk")
+        try:
+            for r in cfg.ratios:
+                model.vtp_ratio = r
+                row = _measure(model, inputs, cfg, device, config, B, kept_tokens(r, N, pruner.min_keep),
+                               weight_bytes, dtype, pruned=True)
+                row.update(keep_ratio=r, vision_ms=vision_ms, ttft_speedup=base["ttft_ms"] / row["ttft_ms"],
+                           decode_speedup=row["decode_tokens_per_s"] / base["decode_tokens_per_s"])
+                row["fraction_of_bound"] = row["ttft_speedup"] / row["pipeline_bound"]
+                res["rows"].append(row)
+                log(_fmt_row(row))
+        finally:
+            unpatch(model)
+        del inputs
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    res["goals"], res["seconds"] = check_goals(res), time.perf_counter() - t0
+    return res
+
+
+def _fmt_row(r) -> str:
+    name = f"pruned {r['keep_ratio']:.3f}" if r["pruned"] else "unpatched   "
+    return (f"{name} B={r['batch']:<2d} {r['visual_kept']:>4d} vis  TTFT {r['ttft_ms']:8.2f} ms "
+            f"(x{r['ttft_speedup']:4.2f}, bound x{r['pipeline_bound']:4.2f}, {r['fraction_of_bound']:4.0%}; vision "
+            f"{r['vision_ms']:.1f} ms)  "
+            f"decode {r['decode_tokens_per_s']:8.1f} tok/s (x{r['decode_speedup']:4.2f}, bound "
+            f"x{r['decode_bound']:4.2f})  cache {r['kv_cache_mb']:7.1f} MiB")
+
+
+def check_goals(res: dict) -> list[dict]:
+    """The goal (TTFT speedup >= 0.85 of the pipeline's FLOPs bound, batch 8, 64 visual tokens) and, reported
+    without a target, the decode speedup there. Rows that were not measured give no entry."""
+    goals = []
+    for r in res["rows"]:
+        if r["pruned"] and r["batch"] == GOAL_BATCH and r["visual_kept"] == GOAL_KEPT:
+            goals.append(dict(goal=f"TTFT speedup / pipeline FLOPs bound, batch {GOAL_BATCH}, {GOAL_KEPT} visual "
+                                   f"tokens", target=f">= {GOAL_FRACTION}", measured=r["fraction_of_bound"],
+                              met=bool(r["fraction_of_bound"] >= GOAL_FRACTION)))
+            goals.append(dict(goal=f"decode speedup, batch {GOAL_BATCH}, {GOAL_KEPT} visual tokens (bytes bound "
+                                   f"x{r['decode_bound']:.2f}; reported, no target)", target=None,
+                              measured=r["decode_speedup"], met=None))
+    return goals
+
+
+def format_table(res: dict, rows: bool = True) -> str:
+    """The rows (unless ``rows=False``) and the goals, printed as met / not met; on a CPU :data:`CPU_CAVEAT`."""
+    lines = [f"device: {res['device']}"] + ([CPU_CAVEAT] if str(res["device"]).startswith("CPU") else [])
+    lines += [_fmt_row(r) for r in res["rows"]] if rows else []
+    for g in res["goals"]:
+        verdict = "reported" if g["met"] is None else ("met" if g["met"] else "not met")
+        target = "" if g["target"] is None else f"{g['target']}, "
+        lines.append(f"goal {g['goal']}: {target}measured {g['measured']:.3f} -> {verdict}")
+    if not any(g["met"] is not None for g in res["goals"]):
+        lines.append(f"goal: no row at batch {GOAL_BATCH} with {GOAL_KEPT} visual tokens, not evaluated")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    """Command line: ``python -m vtp.generate_bench [--smoke|--full] [--out FILE]``; writes the results as JSON
+    (default ``results/09_generate_speed.json`` in full mode, none in smoke mode). ``--full`` without a CUDA GPU is
+    an argparse error (exit status 2) before any work."""
+    p = argparse.ArgumentParser(prog="python -m vtp.generate_bench",
+                                description="TTFT and decode speed of a vtp.patch'ed LLaVA-1.5-7B shape through "
+                                            "generate(), against the pipeline's FLOPs bound. Meaningful on a GPU.")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--smoke", action="store_true", help="tiny shapes, float32 (the default without a GPU)")
+    size.add_argument("--full", action="store_true", help="LLaVA-1.5-7B shape, bfloat16 (the default with a GPU)")
+    p.add_argument("--out", help="JSON path")
+    a = p.parse_args(argv)
+    if a.full and not torch.cuda.is_available():
+        p.error("--full builds a 7B model in bfloat16 (14 GB) and times it: it needs a CUDA GPU, and torch sees none "
+                "(torch.cuda.is_available() is False); use --smoke on a CPU")
+    smoke = a.smoke or (not a.full and run_mode() == "smoke")
+    cfg = GenerateBenchConfig.smoke() if smoke else GenerateBenchConfig()
+    if default_device().type == "cpu":
+        print(CPU_CAVEAT, flush=True)
+    res = run_generate_bench(cfg, log=lambda s: print(s, flush=True))
+    print(format_table(res, rows=False))
+    write_results(res, a.out or (None if smoke else "results/09_generate_speed.json"))
+    return res
+
+
+if __name__ == "__main__":
+    main()
