@@ -65,6 +65,19 @@ def _setup(cfg: TrainConfig, device, processor, val_data, train_data):
     return device, processor, model, data, val_data
 
 
+def _batch_loss(net, device, cfg: TrainConfig):
+    """``(loss of a batch, compiled)``: the answer CE of the unpruned model under autocast, compiled on CUDA when
+    ``cfg.compile`` (the tiny model's step is bound by Python and kernel launches, which fusion cuts)."""
+    def batch_loss(batch):
+        with autocast(device, cfg.bf16):
+            logits = net(batch["input_ids"], batch["pixel_values"], batch["attention_mask"], mode="none",
+                         image_index=batch["image_index"]).logits
+        return answer_loss(logits, batch["labels"])
+
+    compiled = cfg.compile and device.type == "cuda"
+    return (torch.compile(batch_loss) if compiled else batch_loss), compiled
+
+
 def train_teacher(cfg: TrainConfig | str | None = None, device=None, processor: VQAProcessor | None = None,
                   val_data=None, train_data=None):
     """Train the unpruned teacher. Returns ``(llava, processor, history)``; ``history`` holds per-step ``lr``,
@@ -88,15 +101,7 @@ def train_teacher(cfg: TrainConfig | str | None = None, device=None, processor: 
                                                               cfg.questions_per_image, gen, cfg.augment))
     net = distributed.wrap(PrunedVLM(model))  # no pruner: the plain model, vision tower once per image; DDP under torchrun
 
-    def batch_loss(batch):
-        with autocast(device, cfg.bf16):
-            logits = net(batch["input_ids"], batch["pixel_values"], batch["attention_mask"], mode="none",
-                         image_index=batch["image_index"]).logits
-        return answer_loss(logits, batch["labels"])
-
-    # Compiled (CUDA only): the tiny model's step is bound by Python and kernel launches, which fusion cuts.
-    history["compiled"] = compiled = cfg.compile and device.type == "cuda"
-    step_loss = torch.compile(batch_loss) if compiled else batch_loss
+    step_loss, history["compiled"] = _batch_loss(net, device, cfg)
     params = list(model.parameters())
     model.train()
     start = time.perf_counter()
