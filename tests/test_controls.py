@@ -7,19 +7,15 @@ import torch
 
 from vtp.baselines import fastv_scores
 from vtp.controls import FrozenSelector, load_student
-from vtp.data import build_processor
 from vtp.evaluate import accuracy
 from vtp.pruner import GumbelVisionPruner
 from vtp.train import pruner_config, train_pruner
-from vtp.vlm import PrunedVLM, build_llava
+from vtp.vlm import PrunedVLM
 
 
 @pytest.fixture(scope="module")
-def teacher():
-    proc = build_processor(16)
-    model = build_llava("smoke", vocab_size=proc.vocab_size, image_token_id=proc.image_token_id,
-                        pad_token_id=proc.pad_token_id).eval()
-    return model, proc
+def teacher(smoke_teacher):
+    return smoke_teacher
 
 
 def _cfg(**kw):

@@ -6,19 +6,15 @@ import math
 import pytest
 import torch
 
-from vtp.data import build_processor
 from vtp.diagnose import diagnose
 from vtp.evaluate import EvalResult
 from vtp.train import main, pruner_config, pruner_recipe, train_pruner
-from vtp.vlm import PrunedVLM, build_llava
+from vtp.vlm import PrunedVLM
 
 
 @pytest.fixture(scope="module")
-def teacher():
-    proc = build_processor(16)
-    model = build_llava("smoke", vocab_size=proc.vocab_size, image_token_id=proc.image_token_id,
-                        pad_token_id=proc.pad_token_id).eval()
-    return model, proc
+def teacher(smoke_teacher):
+    return smoke_teacher
 
 
 def _cfg(**kw):

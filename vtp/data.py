@@ -28,7 +28,7 @@ from transformers import PreTrainedTokenizerFast
 __all__ = [
     "SPLITS", "QUESTION_TYPES", "IMAGE_TOKEN", "PAD_TOKEN", "UNK_TOKEN",
     "VQASplit", "load_split", "question_type", "load_images",
-    "build_tokenizer", "VQAProcessor", "build_processor", "EncodedSplit", "encode_split", "iterate_batches",
+    "build_tokenizer", "VQAProcessor", "build_processor", "EncodedSplit", "encode_questions", "encode_split", "iterate_batches",
     "iterate_image_batches",
     "augment_images",
 ]
@@ -247,15 +247,22 @@ class EncodedSplit:
         return EncodedSplit(*(getattr(self, f).to(device) for f in self.__dataclass_fields__))
 
 
+def encode_questions(questions, answers, type_ids, image_ids, images, processor: VQAProcessor, device=None,
+                     what: str = "easy-VQA") -> EncodedSplit:
+    """Tokenize questions + one-token answers once into an :class:`EncodedSplit` (``type_ids`` [n] int:
+    question type or family per question; ``image_ids`` [n] index ``images``)."""
+    enc = processor.encode_text(questions, answers)
+    answer_ids = processor.tokenizer(answers, add_special_tokens=False)["input_ids"]
+    if any(len(a) != 1 for a in answer_ids):
+        raise ValueError(f"every {what} answer is expected to be one token of the processor's vocabulary")
+    return EncodedSplit(enc["input_ids"], enc["attention_mask"], enc["labels"], image_ids,
+                        torch.tensor([a[0] for a in answer_ids]), torch.as_tensor(type_ids), images).to(device)
+
+
 def encode_split(split: VQASplit, processor: VQAProcessor, device=None) -> EncodedSplit:
     """Tokenize every question + answer of ``split`` once."""
-    enc = processor.encode_text(split.questions, split.answers)
-    answer_ids = processor.tokenizer(split.answers, add_special_tokens=False)["input_ids"]
-    if any(len(a) != 1 for a in answer_ids):
-        raise ValueError("every easy-VQA answer is expected to be one token")
-    qtype_ids = torch.tensor([QUESTION_TYPES.index(t) for t in split.qtypes])
-    return EncodedSplit(enc["input_ids"], enc["attention_mask"], enc["labels"], split.image_ids,
-                        torch.tensor([a[0] for a in answer_ids]), qtype_ids, split.images).to(device)
+    qtype_ids = [QUESTION_TYPES.index(t) for t in split.qtypes]
+    return encode_questions(split.questions, split.answers, qtype_ids, split.image_ids, split.images, processor, device)
 
 
 def augment_images(images: torch.Tensor, generator: torch.Generator | None = None, hflip: float = 0.5,

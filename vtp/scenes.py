@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .data import EncodedSplit, VQAProcessor, build_tokenizer
+from .data import EncodedSplit, VQAProcessor, build_tokenizer, encode_questions
 
 __all__ = ["COLORS", "SHAPES", "SIZES", "FAMILIES", "COUNT_WORDS", "SceneConfig", "SceneObject", "SceneSplit",
            "render_scene", "ask", "family_answers", "generate_split", "scene_split", "train_stream",
@@ -461,13 +461,9 @@ def _check_processor(processor: VQAProcessor, cfg: SceneConfig) -> None:
 def encode_scenes(split: SceneSplit, processor: VQAProcessor, device=None) -> EncodedSplit:
     """Tokenize ``split`` once into the batch format of :mod:`vtp.data` (``qtype_ids`` index ``FAMILIES``)."""
     _check_processor(processor, split.cfg)
-    enc = processor.encode_text(split.questions, split.answers)
-    answer_ids = processor.tokenizer(split.answers, add_special_tokens=False)["input_ids"]
-    if any(len(a) != 1 for a in answer_ids):
-        raise ValueError("every scene answer is expected to be one token of the processor's vocabulary")
-    families = torch.tensor([FAMILIES.index(f) for f in split.families])
-    return EncodedSplit(enc["input_ids"], enc["attention_mask"], enc["labels"], split.image_ids,
-                        torch.tensor([a[0] for a in answer_ids]), families, split.images).to(device)
+    families = [FAMILIES.index(f) for f in split.families]
+    return encode_questions(split.questions, split.answers, families, split.image_ids, split.images, processor,
+                            device, what="scene")
 
 
 def scene_accuracy(model, split: SceneSplit, processor: VQAProcessor, encoded: EncodedSplit | None = None, **kwargs):
