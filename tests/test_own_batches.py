@@ -1,10 +1,9 @@
 """Bring your own data: vtp.train_pruner on batches built by hand for a tiny LLaVA (not easy-VQA), the README's
 "Train a pruner on your own batches" snippet run as written, the scenes adapter, and clear errors for bad
 batches."""
-import re
-from pathlib import Path
 
 import pytest
+from conftest import run_readme_snippet
 import torch
 
 import vtp
@@ -74,11 +73,7 @@ def test_same_batches_same_run(teacher):
 
 def test_readme_snippet_runs():
     """The README's "Train a pruner on your own batches" snippet, run as written."""
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = readme.split("## Train a pruner on your own batches", 1)[1]
-    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
-    scope = {}
-    exec(compile(code, "README.md", "exec"), scope)
+    scope = run_readme_snippet("## Train a pruner on your own batches")
     student, history = scope["student"], scope["history"]
     assert isinstance(student, vtp.PrunedVLM) and history["step"] == list(range(6))
     assert student.llava.vtp_ratio == 0.25  # patched for deployment

@@ -3,10 +3,9 @@ Qwen2.5-VL): ratio 1 is the unpatched model, generate() equals a manual greedy l
 original positions, exact kept counts per image, unpatch restores, a padded batch equals per-sample runs,
 train-mode policy masking equals removal, and bad input raises."""
 import inspect
-import re
-from pathlib import Path
 
 import pytest
+from conftest import run_readme_snippet
 import torch
 from transformers import (CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration,
                           Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig,
@@ -358,11 +357,7 @@ def test_bad_input_raises():
 
 def test_readme_snippet_runs():
     """The README's "Prune your own model" snippet, run as written on the tiny model it builds."""
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = readme.split("## Prune your own model", 1)[1]
-    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
-    scope = {}
-    exec(compile(code, "README.md", "exec"), scope)
+    scope = run_readme_snippet("## Prune your own model")
     model = scope["model"]
     assert model.vtp_last.n_visual.tolist() == [4] and model.vtp_ratio == 0.5  # 16 visual tokens at ratio 0.25
     assert scope["tokens"].shape == (1, 22)
