@@ -130,6 +130,113 @@ def _removal_gap(history, config, last, acc_gap_tol) -> Finding | None:
                    fix)
 
 
+def _check_arguments(history, target_ratio, tolerances: dict) -> tuple[float, dict | None]:
+    """Validated ``(target_ratio, config)`` of :func:`diagnose`'s arguments."""
+    if target_ratio is not None:
+        from .pruner import check_ratio
+
+        target_ratio = check_ratio(target_ratio, "target_ratio")
+    if not isinstance(history, dict) or not history.get("keep_ratio"):
+        raise ValueError("history must be a dict with a non-empty 'keep_ratio' list (see vtp.train.train_pruner)")
+    for name, tol in tolerances.items():
+        if not (isinstance(tol, (int, float)) and 0 < tol <= 1):
+            raise ValueError(f"{name} must be in (0, 1], got {tol}")
+    if target_ratio is None:
+        if not history.get("target"):
+            raise ValueError("target_ratio is required when history has no 'target' list")
+        target_ratio = float(history["target"][-1])
+    config = history.get("config")
+    if config is not None and not isinstance(config, dict):
+        raise ValueError(f"history['config'] must be a dict (dataclasses.asdict of a PrunerConfig), got {config!r}")
+    return target_ratio, config
+
+
+def _nonfinite(history, config) -> Finding | None:
+    bad = sorted({k for k in ("total", "ce", "distill", "sparsity", "keep_ratio", "keep_prob")
+                  for v in history.get(k, []) if not math.isfinite(float(v))})
+    if not bad:
+        return None
+    return Finding(
+        "NaN", f"non-finite values logged in {', '.join(bad)}",
+        "tau too close to 0, fp16 Gumbel sampling, or a learning rate too high for the pruner",
+        _fixes(config, [("keep tau >= 0.1", lambda c: _get(c, "min_temp", 0) >= 0.1),
+                        ("sample the mask in float32 (vtp.sample_keep_mask does)", lambda c: False),
+                        ("clip gradients", lambda c: _get(c, "grad_clip", 0) > 0),
+                        ("lower the learning rates", lambda c: False)]))
+
+
+def _soft_masks(history) -> Finding | None:
+    if "mask_binary" not in history or all(history["mask_binary"]):
+        return None
+    share = 1 - sum(map(bool, history["mask_binary"])) / len(history["mask_binary"])
+    return Finding(
+        "soft masks", f"the training mask was not exactly 0/1 in {share:.0%} of logged steps",
+        "hard=False (or a sigmoid mask): the model reads information from fractional weights that real "
+        "removal throws away", "sample with F.gumbel_softmax(..., hard=True) (straight-through)")
+
+
+_CONTROLLER = ("a dual-ascent controller on the keep ratio (controller_lr > 0)", lambda c: _get(c, "controller_lr", 0) > 0)
+
+
+def _keep_ratio_off(k: float, target_ratio: float, tol: float, config) -> Finding | None:
+    """Training keep ratio ``k`` below (collapse) or above (blow-up) the target by more than ``tol``."""
+    if k < target_ratio - tol:
+        return Finding(
+            "keep-ratio collapse", f"final training keep ratio {k:.3f} vs target {target_ratio:.3f}",
+            "the sparsity term counts more than the visual tokens (text tokens averaged in), its weight is "
+            "too high, or a deterministic threshold (no Gumbel noise) let every probability fall below 0.5",
+            _fixes(config, [
+                ("average the sparsity term over visual tokens only, per sample",
+                 lambda c: _get(c, "sparsity_scope") == "visual" and _get(c, "loss_form", "vtp") == "vtp"),
+                ("warm up the sparsity weight", lambda c: _get(c, "sparsity_warmup", 0) > 0),
+                ("sample with Gumbel noise", lambda c: _get(c, "sampler") == "gumbel"),
+                _CONTROLLER]))
+    if k > target_ratio + tol:
+        return Finding(
+            "keep-ratio blow-up", f"final training keep ratio {k:.3f} vs target {target_ratio:.3f}",
+            "the sparsity gradient vanished (saturated keep probabilities) or its weight is too low",
+            _fixes(config, [
+                ("start keep probabilities near 0.5 (keep_bias 0)", lambda c: _get(c, "keep_bias", 0) <= 0),
+                ("LayerNorm the scorer's input (pruner_norm=True)", lambda c: _get(c, "pruner_norm", False)),
+                ("no curriculum from keep 1.0 (ratio_start near the target)", lambda c: _get(c, "ratio_start", 1) < 1),
+                _CONTROLLER]))
+    return None
+
+
+def _saturation(history, k: float, target_ratio: float, tol: float, saturation_tol: float, config) -> Finding | None:
+    if not history.get("saturated"):
+        return None
+    sat = _tail_mean(history["saturated"])
+    if sat < saturation_tol or abs(k - target_ratio) <= tol:
+        return None
+    return Finding(
+        "saturation", f"{sat:.0%} of keep probabilities outside [0.01, 0.99]; keep ratio {k:.3f} "
+        f"vs target {target_ratio:.3f}",
+        "d(p - rho)^2/dl carries p(1-p): saturated probabilities get no sparsity gradient; top-k "
+        "then chooses among ties",
+        _fixes(config, [("LayerNorm the scorer's input (pruner_norm=True)", lambda c: _get(c, "pruner_norm", False)),
+                        ("re-initialise the pruner's last layer (keep_bias 0)", lambda c: _get(c, "keep_bias", 0) <= 0),
+                        _CONTROLLER]))
+
+
+def _keep_gap(last: dict, k: float, tol: float, config) -> Finding | None:
+    """The inference keep ratio of the last deployment-rule validation ``last`` far from the training one."""
+    if abs(float(last["keep_ratio"]) - k) <= tol:
+        return None
+    causes = {"threshold": "threshold 0.5 after a mean-probability sparsity loss (mean(p) = target does "
+                           "not make the fraction with p > 0.5 equal the target)",
+              "topk": "the training keep ratio missed the target, so top-k imposes a budget the model "
+                      "never trained with"}
+    rule = (config or {}).get("eval_rule", last.get("rule"))
+    return Finding(
+        "train/inference keep gap", f"inference keeps {last['keep_ratio']:.3f}, training kept {k:.3f}",
+        causes.get(rule, f"{causes['threshold']}, or {causes['topk']}"),
+        _fixes(config, [("use the top-k budget rule at inference (eval_rule='topk')",
+                         lambda c: _get(c, "eval_rule") == "topk"),
+                        ("make the training keep ratio reach the target (see the other findings)",
+                         lambda c: False)]))
+
+
 def diagnose(history: dict, target_ratio: float | None = None, ratio_tol: float = 0.25, acc_gap_tol: float = 0.03,
              saturation_tol: float = 0.9) -> list[Finding]:
     """Flag the symptoms in ``history`` (a dict of lists as logged by :func:`vtp.train.train_pruner`; the keys
@@ -141,104 +248,21 @@ def diagnose(history: dict, target_ratio: float | None = None, ratio_tol: float 
     ratio is off when :math:`|k - \\rho| > \\epsilon\\rho`); ``acc_gap_tol`` is in accuracy points (absolute).
     Returns an empty list when nothing is flagged.
     """
-    if target_ratio is not None:
-        from .pruner import check_ratio
-
-        target_ratio = check_ratio(target_ratio, "target_ratio")
-    if not isinstance(history, dict) or not history.get("keep_ratio"):
-        raise ValueError("history must be a dict with a non-empty 'keep_ratio' list (see vtp.train.train_pruner)")
-    for name, tol in (("ratio_tol", ratio_tol), ("acc_gap_tol", acc_gap_tol), ("saturation_tol", saturation_tol)):
-        if not (isinstance(tol, (int, float)) and 0 < tol <= 1):
-            raise ValueError(f"{name} must be in (0, 1], got {tol}")
-    if target_ratio is None:
-        if not history.get("target"):
-            raise ValueError("target_ratio is required when history has no 'target' list")
-        target_ratio = float(history["target"][-1])
-    config = history.get("config")
-    if config is not None and not isinstance(config, dict):
-        raise ValueError(f"history['config'] must be a dict (dataclasses.asdict of a PrunerConfig), got {config!r}")
+    target_ratio, config = _check_arguments(history, target_ratio, dict(
+        ratio_tol=ratio_tol, acc_gap_tol=acc_gap_tol, saturation_tol=saturation_tol))
     tol = ratio_tol * target_ratio
-    findings = []
-
-    bad = sorted({k for k in ("total", "ce", "distill", "sparsity", "keep_ratio", "keep_prob")
-                  for v in history.get(k, []) if not math.isfinite(float(v))})
-    if bad:
-        findings.append(Finding(
-            "NaN", f"non-finite values logged in {', '.join(bad)}",
-            "tau too close to 0, fp16 Gumbel sampling, or a learning rate too high for the pruner",
-            _fixes(config, [("keep tau >= 0.1", lambda c: _get(c, "min_temp", 0) >= 0.1),
-                            ("sample the mask in float32 (vtp.sample_keep_mask does)", lambda c: False),
-                            ("clip gradients", lambda c: _get(c, "grad_clip", 0) > 0),
-                            ("lower the learning rates", lambda c: False)])))
-
-    if "mask_binary" in history and not all(history["mask_binary"]):
-        share = 1 - sum(map(bool, history["mask_binary"])) / len(history["mask_binary"])
-        findings.append(Finding(
-            "soft masks", f"the training mask was not exactly 0/1 in {share:.0%} of logged steps",
-            "hard=False (or a sigmoid mask): the model reads information from fractional weights that real "
-            "removal throws away", "sample with F.gumbel_softmax(..., hard=True) (straight-through)"))
-
     k = _tail_mean(history["keep_ratio"])
-    controller = ("a dual-ascent controller on the keep ratio (controller_lr > 0)",
-                  lambda c: _get(c, "controller_lr", 0) > 0)
-    if k < target_ratio - tol:
-        findings.append(Finding(
-            "keep-ratio collapse", f"final training keep ratio {k:.3f} vs target {target_ratio:.3f}",
-            "the sparsity term counts more than the visual tokens (text tokens averaged in), its weight is "
-            "too high, or a deterministic threshold (no Gumbel noise) let every probability fall below 0.5",
-            _fixes(config, [
-                ("average the sparsity term over visual tokens only, per sample",
-                 lambda c: _get(c, "sparsity_scope") == "visual" and _get(c, "loss_form", "vtp") == "vtp"),
-                ("warm up the sparsity weight", lambda c: _get(c, "sparsity_warmup", 0) > 0),
-                ("sample with Gumbel noise", lambda c: _get(c, "sampler") == "gumbel"),
-                controller])))
-    elif k > target_ratio + tol:
-        findings.append(Finding(
-            "keep-ratio blow-up", f"final training keep ratio {k:.3f} vs target {target_ratio:.3f}",
-            "the sparsity gradient vanished (saturated keep probabilities) or its weight is too low",
-            _fixes(config, [
-                ("start keep probabilities near 0.5 (keep_bias 0)", lambda c: _get(c, "keep_bias", 0) <= 0),
-                ("LayerNorm the scorer's input (pruner_norm=True)", lambda c: _get(c, "pruner_norm", False)),
-                ("no curriculum from keep 1.0 (ratio_start near the target)", lambda c: _get(c, "ratio_start", 1) < 1),
-                controller])))
-
-    if history.get("saturated"):
-        sat = _tail_mean(history["saturated"])
-        if sat >= saturation_tol and abs(k - target_ratio) > tol:
-            findings.append(Finding(
-                "saturation", f"{sat:.0%} of keep probabilities outside [0.01, 0.99]; keep ratio {k:.3f} "
-                f"vs target {target_ratio:.3f}",
-                "d(p - rho)^2/dl carries p(1-p): saturated probabilities get no sparsity gradient; top-k "
-                "then chooses among ties",
-                _fixes(config, [("LayerNorm the scorer's input (pruner_norm=True)", lambda c: _get(c, "pruner_norm", False)),
-                                ("re-initialise the pruner's last layer (keep_bias 0)", lambda c: _get(c, "keep_bias", 0) <= 0),
-                                controller])))
-
+    findings = [_nonfinite(history, config), _soft_masks(history), _keep_ratio_off(k, target_ratio, tol, config),
+                _saturation(history, k, target_ratio, tol, saturation_tol, config)]
     law = _mask_law_gap(history, config, acc_gap_tol)
     # phase 1's validations with the deployment rule (phase 2, if any, trains on that rule directly)
     val = [v for v in history.get("val") or [] if v.get("phase", "gumbel") == "gumbel" and v.get("rule") != "sample"]
     if val:
-        last = val[-1]
-        if abs(float(last["keep_ratio"]) - k) > tol:
-            causes = {"threshold": "threshold 0.5 after a mean-probability sparsity loss (mean(p) = target does "
-                                   "not make the fraction with p > 0.5 equal the target)",
-                      "topk": "the training keep ratio missed the target, so top-k imposes a budget the model "
-                              "never trained with"}
-            rule = (config or {}).get("eval_rule", last.get("rule"))
-            findings.append(Finding(
-                "train/inference keep gap", f"inference keeps {last['keep_ratio']:.3f}, training kept {k:.3f}",
-                causes.get(rule, f"{causes['threshold']}, or {causes['topk']}"),
-                _fixes(config, [("use the top-k budget rule at inference (eval_rule='topk')",
-                                 lambda c: _get(c, "eval_rule") == "topk"),
-                                ("make the training keep ratio reach the target (see the other findings)",
-                                 lambda c: False)])))
+        findings.append(_keep_gap(val[-1], k, tol, config))
         if law is None:  # the mask-law finding already explains a training-graph gap
-            gap = _removal_gap(history, config, last, acc_gap_tol)
-            if gap is not None:
-                findings.append(gap)
-    if law is not None:
-        findings.append(law)
-    return findings
+            findings.append(_removal_gap(history, config, val[-1], acc_gap_tol))
+    findings.append(law)
+    return [f for f in findings if f is not None]
 
 
 def format_findings(findings: list[Finding]) -> str:
