@@ -115,18 +115,6 @@ class FrozenSelector(nn.Module):
 # ----------------------------------------------------------------------------------------------------------
 # Lesson 07's job: one seed of the learned model or of a control, trained and tested
 # ----------------------------------------------------------------------------------------------------------
-def _test_results(model, test, processor, ratios, bf16: bool) -> dict:
-    from .evaluate import accuracy
-
-    out = {"accuracy": {}, "per_type": {}, "visual_tokens": {}, "keep_ratio": {}}
-    for r in ratios:
-        res = accuracy(model, test, processor, ratio=r, bf16=bf16)
-        key = f"{r:.4f}"
-        out["accuracy"][key], out["per_type"][key] = res.accuracy, res.per_type
-        out["visual_tokens"][key], out["keep_ratio"][key] = res.visual_tokens, res.keep_ratio
-    return out
-
-
 def train_and_evaluate(seed: int, selector: str = "learned", mode: str | None = None, ratios=(0.25,),
                        shared: float = 0.25, alone_ratio: float | None = None, phase1_test: bool = False,
                        threshold: bool = False, test_questions: int | None = None, save_dir: str | None = None,
@@ -142,7 +130,7 @@ def train_and_evaluate(seed: int, selector: str = "learned", mode: str | None = 
        ``eval_every``).
 
     ``overrides`` (recipe fields, e.g. shorter runs) apply to every recipe. Each model is tested on the test
-    split (its first ``test_questions`` questions if given, fixed subset) with real removal: the phase-2
+    split (a fixed subset of ``test_questions`` questions if given) with real removal: the phase-2
     model top-k at every ratio (and the threshold rule if ``threshold``), the phase-1 model likewise if
     ``phase1_test``, the one-ratio model at ``alone_ratio``. ``save_dir`` saves the phase-2 model's (and the
     one-ratio model's) ``state_dict`` there as ``{name}.pt`` (``{name}_alone.pt``); :func:`load_student`
@@ -153,7 +141,7 @@ def train_and_evaluate(seed: int, selector: str = "learned", mode: str | None = 
     from pathlib import Path
 
     from .data import encode_split, load_split
-    from .evaluate import accuracy
+    from .evaluate import accuracy, accuracy_at_ratios, encoded_test_split
     from .train import load_or_train_teacher, pruner_recipe, train_pruner
 
     if torch.cuda.is_available():
@@ -165,12 +153,12 @@ def train_and_evaluate(seed: int, selector: str = "learned", mode: str | None = 
     cfg1 = pruner_recipe(shared, seed, mode, **{**over, "adapt_steps": 0, "selector": selector})
     cfg2 = pruner_recipe(shared, seed, mode, **{"adapt_ratios": ratios, **over, "selector": selector})
     val = encode_split(load_split("val"), processor, device)
-    test = _test_split(processor, device, test_questions)
+    test = encoded_test_split(processor, device, test_questions)
 
     phase1, h1 = train_pruner(teacher, processor, cfg1, val_data=val)
     model, h2 = train_pruner(teacher, processor, cfg2, val_data=val, student=phase1)
-    out = {"name": name, "seed": seed, "selector": selector, **_test_results(model, test, processor, ratios, cfg2.bf16),
-           "phase1": _test_results(phase1, test, processor, ratios, cfg1.bf16) if phase1_test else None,
+    out = {"name": name, "seed": seed, "selector": selector, **accuracy_at_ratios(model, test, processor, ratios, cfg2.bf16),
+           "phase1": accuracy_at_ratios(phase1, test, processor, ratios, cfg1.bf16) if phase1_test else None,
            "threshold": None, "alone": None, "history": {"phase1": h1, "phase2": h2},
            "config": {"phase1": h1["config"], "phase2": h2["config"]},
            "train_time_s": {"phase1": h1["train_time_s"], "phase2": h2["train_time_s"]},
@@ -185,7 +173,7 @@ def train_and_evaluate(seed: int, selector: str = "learned", mode: str | None = 
         cfg3 = pruner_recipe(alone_ratio, seed, mode, **{**over, "adapt_steps": cfg2.adapt_steps,
                                                          "eval_every": cfg2.eval_every, "selector": selector})
         alone, h3 = train_pruner(teacher, processor, cfg3, val_data=val, student=phase1)
-        res = _test_results(alone, test, processor, (alone_ratio,), cfg3.bf16)
+        res = accuracy_at_ratios(alone, test, processor, (alone_ratio,), cfg3.bf16)
         out["alone"] = {"ratio": alone_ratio, **res, "adapt_best": h3.get("adapt_best"),
                         "val": h3["val"], "config": h3["config"]}
         out["train_time_s"]["alone"] = h3["train_time_s"]
@@ -207,25 +195,16 @@ def load_student(teacher, config: dict, path):
     return student.to(device).eval()
 
 
-def _test_split(processor, device, test_questions: int | None):
-    from .data import encode_split, load_split
-
-    test = load_split("test")
-    if test_questions is not None and test_questions < len(test):
-        test = test.subset(test_questions, seed=0)
-    return encode_split(test, processor, device)
-
-
 def evaluate_training_free(mode: str | None = None, ratios=(0.25,), test_questions: int | None = None,
                            random_seeds=(0, 1, 2), name: str = "training-free") -> dict:
     """The training-free baselines of :mod:`vtp.baselines` on the FROZEN teacher of ``mode`` (no language-model
-    adaptation), top-k with real removal at each ratio on the test split (first ``test_questions``, as
+    adaptation), top-k with real removal at each ratio on the test split (a fixed subset of ``test_questions``, as
     :func:`train_and_evaluate`): ``random`` (one generator seed per entry of ``random_seeds``), ``fastv`` and
     ``object`` (the pixel reference). Returns ``{"name", "teacher_accuracy", "teacher_per_type",
     "teacher_sha256", "accuracy": {method: {f"{r:.4f}": [acc, ...]}}, "per_type": {method: {f"{r:.4f}":
     per-type of the first run}}, "device"}``."""
     from .baselines import fastv_scores, keep_by_scores, object_scores, random_scores
-    from .evaluate import accuracy
+    from .evaluate import accuracy, encoded_test_split
     from .runtime import device_name
     from .train import load_or_train_teacher
 
@@ -233,7 +212,7 @@ def evaluate_training_free(mode: str | None = None, ratios=(0.25,), test_questio
         torch.set_num_threads(1)
     teacher, processor, info = load_or_train_teacher(mode)
     device = next(teacher.parameters()).device
-    test = _test_split(processor, device, test_questions)
+    test = encoded_test_split(processor, device, test_questions)
     full = accuracy(teacher, test, processor)
     out = {"name": name, "teacher_accuracy": full.accuracy, "teacher_per_type": full.per_type,
            "teacher_sha256": info.get("sha256"), "test_questions": len(test), "device": device_name(device),

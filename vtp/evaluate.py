@@ -13,11 +13,11 @@ from typing import Callable
 
 import torch
 
-from .data import QUESTION_TYPES, EncodedSplit, VQAProcessor, VQASplit, encode_split, iterate_batches
+from .data import QUESTION_TYPES, EncodedSplit, VQAProcessor, VQASplit, encode_split, iterate_batches, load_split
 from .runtime import default_device
 from .vlm import PrunedVLM, answer_logits, num_visual_tokens
 
-__all__ = ["EvalResult", "accuracy", "autocast"]
+__all__ = ["EvalResult", "accuracy", "accuracy_at_ratios", "encoded_test_split", "autocast"]
 
 
 @dataclass
@@ -97,3 +97,24 @@ def accuracy(model, data, processor: VQAProcessor, pruner=None, ratio: float | N
     per_type = {t: correct[qt == i].mean().item() for i, t in enumerate(QUESTION_TYPES) if (qt == i).any()}
     vis = torch.cat(seen).mean().item()
     return EvalResult(correct.mean().item(), per_type, n, vis, vis / n_tokens, pred.cpu())
+
+
+def encoded_test_split(processor: VQAProcessor, device=None, questions: int | None = None) -> EncodedSplit:
+    """The easy-VQA test split encoded for ``processor``: whole, or a fixed random subset of ``questions``
+    (seed 0, the same questions for every caller) when that is smaller."""
+    test = load_split("test")
+    if questions is not None and questions < len(test):
+        test = test.subset(questions, seed=0)
+    return encode_split(test, processor, device)
+
+
+def accuracy_at_ratios(model, data, processor: VQAProcessor, ratios, bf16: bool = True) -> dict:
+    """:func:`accuracy` with real removal, top-k at each keep ratio of ``ratios``: ``{"accuracy", "per_type",
+    "visual_tokens", "keep_ratio"}``, each a dict keyed by ``f"{ratio:.4f}"``."""
+    out = {"accuracy": {}, "per_type": {}, "visual_tokens": {}, "keep_ratio": {}}
+    for r in ratios:
+        res = accuracy(model, data, processor, ratio=r, bf16=bf16)
+        key = f"{r:.4f}"
+        out["accuracy"][key], out["per_type"][key] = res.accuracy, res.per_type
+        out["visual_tokens"][key], out["keep_ratio"][key] = res.visual_tokens, res.keep_ratio
+    return out

@@ -77,7 +77,7 @@ def train_and_test(config: dict, mode: str | None = None, eval_ratios=(), thresh
 
     Loads the teacher of ``mode`` (:func:`vtp.load_or_train_teacher`: in full mode the shipped one), builds
     ``pruner_config(mode, **config)`` (pass a whole recipe as ``dataclasses.asdict(pruner_recipe(...))``),
-    runs :func:`vtp.train_pruner`, and evaluates the student on the test split (its first ``test_questions``
+    runs :func:`vtp.train_pruner`, and evaluates the student on the test split (a fixed subset of ``test_questions``
     questions if given) with the dropped tokens removed: top-k at each ratio of ``eval_ratios`` and, if
     ``threshold``, the keep-probability > 0.5 rule. Saves the student's ``state_dict`` to ``save_to`` if given.
 
@@ -85,8 +85,7 @@ def train_and_test(config: dict, mode: str | None = None, eval_ratios=(), thresh
     "threshold": {"accuracy", "keep_ratio", "per_type"} or None, "final_keep_ratio", "train_time_s",
     "history", "teacher_sha256", "device"}``.
     """
-    from .data import encode_split, load_split
-    from .evaluate import accuracy
+    from .evaluate import accuracy, accuracy_at_ratios, encoded_test_split
     from .train import load_or_train_teacher, pruner_config, train_pruner
 
     mode = mode or run_mode()
@@ -94,14 +93,9 @@ def train_and_test(config: dict, mode: str | None = None, eval_ratios=(), thresh
     teacher, processor, info = load_or_train_teacher(mode)
     student, history = train_pruner(teacher, processor, cfg)
     device = next(student.parameters()).device
-    test = load_split("test")
-    if test_questions is not None:
-        test = test.subset(test_questions, seed=0)
-    test = encode_split(test, processor, device)
-    acc, per_type = {}, {}
-    for r in eval_ratios:
-        res = accuracy(student, test, processor, ratio=r, bf16=cfg.bf16)
-        acc[f"{r:.4f}"], per_type[f"{r:.4f}"] = res.accuracy, res.per_type
+    test = encoded_test_split(processor, device, test_questions)
+    at = accuracy_at_ratios(student, test, processor, eval_ratios, cfg.bf16)
+    acc, per_type = at["accuracy"], at["per_type"]
     thr = None
     if threshold:
         res = accuracy(student, test, processor, rule="threshold", bf16=cfg.bf16)
