@@ -11,8 +11,10 @@ import hashlib
 import json
 from pathlib import Path
 
+import torch
+
 __all__ = ["PRETRAINED_DIR", "manifest", "pretrained_path", "file_sha256", "verify_pretrained",
-           "load_pretrained_teacher"]
+           "load_pretrained_teacher", "save_pretrained_student", "load_pretrained_student", "update_manifest"]
 
 PRETRAINED_DIR = Path(__file__).resolve().parent.parent / "pretrained"
 
@@ -62,3 +64,50 @@ def load_pretrained_teacher(device=None, name: str = "teacher_easyvqa"):
     entry = verify_pretrained(name)
     model, processor, info = load_teacher(pretrained_path(name), device)
     return model, processor, {**info, **entry, "name": name}
+
+
+def update_manifest(name: str, **fields) -> dict:
+    """Add or update the manifest entry ``name`` with ``fields`` (JSON-ready values); returns the entry."""
+    path = PRETRAINED_DIR / "MANIFEST.json"
+    entries = json.loads(path.read_text()) if path.exists() else {}
+    entries[name] = {**entries.get(name, {}), **fields}
+    path.write_text(json.dumps(entries, indent=2) + "\n")
+    return entries[name]
+
+
+def save_pretrained_student(student, recipe: dict, name: str = "student_easyvqa", **record) -> dict:
+    """Ship a trained :class:`vtp.PrunedVLM` (adapted language model and pruner) as ``pretrained/<name>/``:
+    ``model.safetensors`` (its ``state_dict`` in bfloat16, tied weights stored once) and ``recipe.json`` (the
+    ``PrunerConfig`` it was trained with, as a dict). The manifest entry gets the file, its SHA-256 and ``record``
+    (command, device, teacher SHA-256, ...). Returns the entry."""
+    import copy
+
+    from safetensors.torch import save_model
+
+    directory = PRETRAINED_DIR / name
+    directory.mkdir(parents=True, exist_ok=True)
+    save_model(copy.deepcopy(student).to(torch.bfloat16).cpu(), str(directory / "model.safetensors"))
+    (directory / "recipe.json").write_text(json.dumps(recipe, indent=2, default=list) + "\n")
+    return update_manifest(name, file=f"{name}/model.safetensors", sha256=file_sha256(directory / "model.safetensors"),
+                           **record)
+
+
+def load_pretrained_student(device=None, name: str = "student_easyvqa"):
+    """A shipped student, checksum verified: ``(PrunedVLM in float32 eval mode, processor, entry)``, rebuilt around
+    the shipped teacher (:func:`load_pretrained_teacher`) from its ``recipe.json``; ``entry`` is its manifest
+    entry (``test_accuracy`` per keep ratio, ``teacher_sha256``, ``command``, ...)."""
+    from safetensors.torch import load_model
+
+    from .train import PrunerConfig
+    from .train.student import _student
+
+    entry = verify_pretrained(name)
+    teacher, processor, info = load_pretrained_teacher(device)
+    if entry.get("teacher_sha256", info["sha256"]) != info["sha256"]:
+        raise ValueError(f"{name} was trained from teacher {entry['teacher_sha256'][:12]}, the shipped teacher is "
+                         f"{info['sha256'][:12]}")
+    recipe = json.loads((pretrained_path(name) / "recipe.json").read_text())
+    cfg = PrunerConfig(**{**recipe, "adapt_ratios": tuple(recipe.get("adapt_ratios", ()))})
+    student = _student(teacher, cfg)
+    load_model(student, str(PRETRAINED_DIR / entry["file"]), strict=True, device=str(next(teacher.parameters()).device))
+    return student.float().eval(), processor, entry
