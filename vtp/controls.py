@@ -138,14 +138,11 @@ def train_and_evaluate(seed: int, selector: str = "learned", mode: str | None = 
     ``per_type``, ``visual_tokens``, ``keep_ratio`` keyed by ``f"{ratio:.4f}"``), ``phase1``, ``alone``,
     ``threshold``, both phases' histories and configs, ``train_time_s``, ``teacher_sha256``, ``device``, ``saved``.
     """
-    from pathlib import Path
-
     from .data import encode_split, load_split
-    from .evaluate import accuracy, accuracy_at_ratios, encoded_test_split
+    from .evaluate import accuracy_at_ratios, encoded_test_split
     from .train import load_or_train_teacher, pruner_recipe, train_pruner
 
-    if torch.cuda.is_available():
-        torch.set_num_threads(1)  # one process among many on a GPU machine: no CPU thread oversubscription
+    _one_thread_per_process()
     ratios = tuple(check_ratio(r, "ratios") for r in ratios)
     over = dict(overrides or {})
     teacher, processor, info = load_or_train_teacher(mode)
@@ -164,23 +161,55 @@ def train_and_evaluate(seed: int, selector: str = "learned", mode: str | None = 
            "train_time_s": {"phase1": h1["train_time_s"], "phase2": h2["train_time_s"]},
            "test_questions": len(test), "teacher_sha256": info.get("sha256"), "device": h2["device"], "saved": {}}
     if threshold:
-        res = accuracy(model, test, processor, rule="threshold", bf16=cfg2.bf16)
-        out["threshold"] = {"accuracy": res.accuracy, "keep_ratio": res.keep_ratio, "per_type": res.per_type}
+        out["threshold"] = _threshold_accuracy(model, test, processor, cfg2.bf16)
     if save_dir is not None:
-        out["saved"]["model"] = str(Path(save_dir) / f"{name or seed}.pt")
-        torch.save(model.state_dict(), out["saved"]["model"])
+        out["saved"]["model"] = _save(model, save_dir, f"{name or seed}.pt")
     if alone_ratio is not None:
         cfg3 = pruner_recipe(alone_ratio, seed, mode, **{**over, "adapt_steps": cfg2.adapt_steps,
                                                          "eval_every": cfg2.eval_every, "selector": selector})
-        alone, h3 = train_pruner(teacher, processor, cfg3, val_data=val, student=phase1)
-        res = accuracy_at_ratios(alone, test, processor, (alone_ratio,), cfg3.bf16)
-        out["alone"] = {"ratio": alone_ratio, **res, "adapt_best": h3.get("adapt_best"),
-                        "val": h3["val"], "config": h3["config"]}
-        out["train_time_s"]["alone"] = h3["train_time_s"]
+        alone, out["alone"], seconds = _train_alone(teacher, processor, cfg3, alone_ratio, phase1, val, test)
+        out["train_time_s"]["alone"] = seconds
         if save_dir is not None:
-            out["saved"]["alone"] = str(Path(save_dir) / f"{name or seed}_alone.pt")
-            torch.save(alone.state_dict(), out["saved"]["alone"])
+            out["saved"]["alone"] = _save(alone, save_dir, f"{name or seed}_alone.pt")
     return out
+
+
+def _one_thread_per_process():
+    """On a GPU machine a job is one process among many: one CPU thread each, no oversubscription."""
+    if torch.cuda.is_available():
+        torch.set_num_threads(1)
+
+
+def _threshold_accuracy(model, test, processor, bf16: bool) -> dict:
+    """Test accuracy of ``model`` with the threshold rule (keep prob > 0.5) instead of top-k: ``accuracy``,
+    ``keep_ratio`` (the share of visual tokens the rule kept) and ``per_type``."""
+    from .evaluate import accuracy
+
+    res = accuracy(model, test, processor, rule="threshold", bf16=bf16)
+    return {"accuracy": res.accuracy, "keep_ratio": res.keep_ratio, "per_type": res.per_type}
+
+
+def _save(model, directory, filename: str) -> str:
+    """Save ``model``'s ``state_dict`` as ``directory/filename``; return that path as a string."""
+    from pathlib import Path
+
+    path = str(Path(directory) / filename)
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def _train_alone(teacher, processor, cfg, ratio: float, phase1, val, test):
+    """Step 3 of :func:`train_and_evaluate`: phase 2 at one ``ratio`` alone (recipe ``cfg``) from the phase-1 model
+    ``phase1``, tested top-k at that ratio. Returns ``(model, result, train_time_s)``; ``result`` = the test
+    results with ``ratio``, ``adapt_best``, ``val`` and ``config``."""
+    from .evaluate import accuracy_at_ratios
+    from .train import train_pruner
+
+    alone, history = train_pruner(teacher, processor, cfg, val_data=val, student=phase1)
+    res = accuracy_at_ratios(alone, test, processor, (ratio,), cfg.bf16)
+    result = {"ratio": ratio, **res, "adapt_best": history.get("adapt_best"), "val": history["val"],
+              "config": history["config"]}
+    return alone, result, history["train_time_s"]
 
 
 def load_student(teacher, config: dict, path):
@@ -208,8 +237,7 @@ def evaluate_training_free(mode: str | None = None, ratios=(0.25,), test_questio
     from .runtime import device_name
     from .train import load_or_train_teacher
 
-    if torch.cuda.is_available():
-        torch.set_num_threads(1)
+    _one_thread_per_process()
     teacher, processor, info = load_or_train_teacher(mode)
     device = next(teacher.parameters()).device
     test = encoded_test_split(processor, device, test_questions)
