@@ -157,6 +157,19 @@ class PrunedVLMOutput:
     visual_mask: torch.Tensor
 
 
+def _check_text(input_ids, attention_mask, labels) -> torch.Tensor:
+    """``ValueError`` unless ``input_ids`` is [B, L] and ``attention_mask`` / ``labels`` (if given) have its shape;
+    returns the attention mask (all ones when not given)."""
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must have shape (batch, seq), got {tuple(input_ids.shape)}")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    for name, t in (("attention_mask", attention_mask), ("labels", labels)):
+        if t is not None and t.shape != input_ids.shape:
+            raise ValueError(f"{name} must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(t.shape)}")
+    return attention_mask
+
+
 class PrunedVLM(nn.Module):
     """``llava`` (any ``LlavaForConditionalGeneration``) with ``pruner`` (e.g. :class:`vtp.GumbelVisionPruner`,
     or ``None``) between its projector and its language model. ``mode`` default: ``"policy"`` in training,
@@ -225,29 +238,11 @@ class PrunedVLM(nn.Module):
         mode = mode or ("policy" if self.training else "remove")
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must have shape (batch, seq), got {tuple(input_ids.shape)}")
+        attention_mask = _check_text(input_ids, attention_mask, labels)
         B, L = input_ids.shape
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        for name, t in (("attention_mask", attention_mask), ("labels", labels)):
-            if t is not None and t.shape != input_ids.shape:
-                raise ValueError(f"{name} must have the shape of input_ids {(B, L)}, got {tuple(t.shape)}")
-        tokens = self.visual_features(pixel_values)
-        if image_index is not None:
-            if image_index.shape != (B,):
-                raise ValueError(f"image_index must have shape {(B,)}, got {tuple(image_index.shape)}")
-            tokens = tokens[image_index]
-        elif tokens.shape[0] != B:
-            raise ValueError(f"got {tokens.shape[0]} images for {B} sequences (pass image_index to share images)")
+        tokens = self._image_tokens(pixel_values, image_index, B)
         visual_mask = input_ids == self.image_token_id
-        counts = visual_mask.sum(-1)
-        ok = (counts == tokens.shape[1]).all()
-        msg = f"every sample needs {tokens.shape[1]} image tokens (id {self.image_token_id}) in input_ids"
-        if ok.is_cuda:
-            torch._assert_async(ok, msg)  # checked on the GPU: no host synchronisation per step
-        elif not bool(ok):
-            raise ValueError(f"{msg}, got counts {counts.tolist()}")
+        counts = self._check_image_tokens(visual_mask, tokens.shape[1])
         embeds = self.llava.get_input_embeddings()(input_ids)
         vkeep, keep_prob, pruner_logits = self._keep_mask(
             tokens, keep, scores, ratio, rule, tau, mode,
@@ -259,29 +254,50 @@ class PrunedVLM(nn.Module):
         keep_seq = torch.ones(B, L, device=embeds.device, dtype=vkeep.dtype).masked_scatter(visual_mask, vkeep)
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         index = torch.arange(L, device=embeds.device).expand(B, L)
-        lm_kwargs = {}
         if mode == "remove":
             removed = remove_tokens(embeds, keep_seq, position_ids, attention_mask)
             embeds, position_ids, attention_mask, index = removed.embeds, removed.position_ids, \
                 removed.attention_mask, removed.index
             n_visual = (visual_mask.gather(1, index) & attention_mask.bool()).sum(-1)
-        elif mode == "policy":
-            lm_kwargs["keep_policy"] = keep_seq
-            n_visual = vkeep.detach().sum(-1)
         else:
-            n_visual = counts
-        if mode == "policy":
-            with policy_attention(self.language_model):
-                hidden = self._lm(embeds, attention_mask, position_ids, **lm_kwargs)
-        else:
-            hidden = self._lm(embeds, attention_mask, position_ids)
+            n_visual = vkeep.detach().sum(-1) if mode == "policy" else counts
+        hidden = self._lm(embeds, attention_mask, position_ids, keep_policy=keep_seq if mode == "policy" else None)
         logits = self.llava.lm_head(hidden)
         if labels is not None:
             labels = labels.gather(1, index).masked_fill(attention_mask == 0, -100)
         return PrunedVLMOutput(logits, labels, attention_mask, index, vkeep, keep_prob, pruner_logits, n_visual,
                                visual_mask)
 
-    def _lm(self, embeds, attention_mask, position_ids, **kwargs):
-        out = self.language_model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
-                                  use_cache=False, **kwargs)
-        return out[0]
+    def _image_tokens(self, pixel_values, image_index, batch: int) -> torch.Tensor:
+        """The projected visual tokens [B, N, d] of each sample: one image per sample, or for sample ``b`` the image
+        ``pixel_values[image_index[b]]`` (the vision tower runs once per image)."""
+        tokens = self.visual_features(pixel_values)
+        if image_index is not None:
+            if image_index.shape != (batch,):
+                raise ValueError(f"image_index must have shape {(batch,)}, got {tuple(image_index.shape)}")
+            return tokens[image_index]
+        if tokens.shape[0] != batch:
+            raise ValueError(f"got {tokens.shape[0]} images for {batch} sequences (pass image_index to share images)")
+        return tokens
+
+    def _check_image_tokens(self, visual_mask, n_tokens: int) -> torch.Tensor:
+        """Image placeholders per sample [B]; each sample must have ``n_tokens``. On a GPU the check runs there
+        (``torch._assert_async``: no host synchronisation per step), on the CPU it raises ``ValueError``."""
+        counts = visual_mask.sum(-1)
+        ok = (counts == n_tokens).all()
+        msg = f"every sample needs {n_tokens} image tokens (id {self.image_token_id}) in input_ids"
+        if ok.is_cuda:
+            torch._assert_async(ok, msg)
+        elif not bool(ok):
+            raise ValueError(f"{msg}, got counts {counts.tolist()}")
+        return counts
+
+    def _lm(self, embeds, attention_mask, position_ids, keep_policy=None):
+        """Final hidden states of the language model; with a ``keep_policy`` [B, L], through the policy-weighted
+        attention (:func:`vtp.attention.policy_attention`)."""
+        if keep_policy is None:
+            return self.language_model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
+                                       use_cache=False)[0]
+        with policy_attention(self.language_model):
+            return self.language_model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
+                                       use_cache=False, keep_policy=keep_policy)[0]
