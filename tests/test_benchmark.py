@@ -11,7 +11,7 @@ from vtp.attention import remove_tokens
 from vtp.benchmark import (BenchConfig, DecoderStack, KVCache, PrunedPrefill, build_lm, check_goals,
                            kept_tokens, kv_cache_bytes, lm_config, main, prefill, prefill_flops,
                            reference_removal, run_benchmark, run_layers, speedup_bound, time_ms)
-from vtp.prefill_paths import _linear_as_sum
+from vtp.selection import _linear_as_sum
 from vtp.pruner import topk_keep_mask
 
 SHAPE = dict(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
@@ -231,6 +231,8 @@ def test_bad_inputs_raise_naming_the_argument(tiny):
         PrunedPrefill(model, pruner, embeds, n_visual=10, text_before=11, ratio=0.5)
     with pytest.raises(ValueError, match="removal"):
         PrunedPrefill(model, pruner, embeds, n_visual=10, ratio=0.5, removal="zero")
+    with pytest.raises(ValueError, match="eval mode"):  # a training pruner would sample, not apply top-k
+        PrunedPrefill(model, GumbelVisionPruner(config.hidden_size, rule="topk"), embeds, n_visual=10, ratio=0.5)
     eager = AutoModelForCausalLM.from_config(lm_config("tiny"), attn_implementation="eager")
     with pytest.raises(ValueError, match="attn_implementation"):
         run_layers(eager, embeds, torch.arange(20).expand(1, 20))

@@ -37,13 +37,13 @@ from statistics import median, quantiles
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-# re-exported: lesson 09 and the tests reach the prefill paths (and _CACHE_KW) through this module
-from .prefill_paths import (_CACHE_KW, REMOVALS, DecoderStack, KVCache, PrunedPrefill, _capture, _pos_int, decoder_layer,
+# re-exported: lesson 09 and the tests reach the prefill paths (and CACHE_KWARG) through this module
+from .prefill_paths import (CACHE_KWARG, REMOVALS, DecoderStack, KVCache, PrunedPrefill, _capture, _pos_int, decoder_layer,
                            kept_tokens, prefill, reference_removal, run_layers)  # noqa: F401
 from .pruner import GumbelVisionPruner, check_ratio
 from .runtime import default_device, device_name, run_mode
 
-__all__ = ["LLAVA_7B", "TINY", "BenchConfig", "KVCache", "lm_config", "build_lm", "prefill_flops",
+__all__ = ["LLAVA_7B", "TINY", "BenchConfig", "KVCache", "CACHE_KWARG", "lm_config", "build_lm", "prefill_flops",
            "pruner_flops", "kept_tokens", "speedup_bound", "kv_cache_bytes", "decoder_layer", "DecoderStack",
            "run_layers", "prefill", "PrunedPrefill", "reference_removal", "time_ms", "run_benchmark", "check_goals",
            "format_table", "write_results", "main"]

@@ -12,7 +12,7 @@ What happens inside. Three public methods are wrapped, no transformers code is c
 * its ``get_image_features`` reports how many visual tokens each image has (one image at a time is scored);
 * the language model's ``forward`` receives the merged sequence (text embeddings with the projected visual
   tokens in place of the placeholders). There the pruner scores each image's visual tokens
-  (:func:`select_visual`, the one scoring/selection path that :class:`vtp.PrunedVLM` uses too) and
+  (:func:`vtp.selection.select_visual`, the one scoring/selection path that :class:`vtp.PrunedVLM` uses too) and
 
   - in **eval mode** the dropped tokens are physically removed (:func:`kept_index`): the kept tokens keep their
     ORIGINAL position ids, 1-D (RoPE) or 3-D (M-RoPE), and the 2-D attention mask follows them. The KV cache then
@@ -26,7 +26,8 @@ What happens inside. Three public methods are wrapped, no transformers code is c
 
 Selection per image: top-k keeps exactly :math:`\max(\text{min\_keep}, \operatorname{round}(\rho N))` of the
 :math:`N` scorable tokens of each image. Only image tokens are pruned (a Qwen2-VL video's tokens are kept). A
-question-aware pruner gets the mean input embedding of its sample's question (:func:`question_embedding`).
+question-aware pruner gets the mean input embedding of its sample's question
+(:func:`vtp.selection.question_embedding`).
 ``vtp.unpatch(model)`` restores the original methods. Tested: greedy decoding with the default dynamic cache; a
 static cache (4-D masks) raises; gradient checkpointing is not supported in train mode.
 """
@@ -43,6 +44,7 @@ from transformers import (LlavaForConditionalGeneration, LlavaNextForConditional
 
 from .attention import policy_attention
 from .pruner import check_ratio
+from .selection import question_embedding, select_visual  # re-exported: public names of vtp.patch
 
 __all__ = ["patch", "unpatch", "PatchState", "select_visual", "question_embedding", "kept_index",
            "SUPPORTED", "PATCH_RULES"]
@@ -50,43 +52,6 @@ __all__ = ["patch", "unpatch", "PatchState", "select_visual", "question_embeddin
 PATCH_RULES = ("topk", "threshold")
 SUPPORTED = (LlavaForConditionalGeneration, LlavaNextForConditionalGeneration, Qwen2VLForConditionalGeneration,
              Qwen2_5_VLForConditionalGeneration)
-
-
-def question_embedding(embeds, visual_mask, attention_mask=None, labels=None) -> torch.Tensor:
-    r"""Mean input embedding ``[B, d]`` of each prompt's text tokens, :math:`q_b = \frac{1}{|T_b|}\sum_{i \in T_b}
-    e_{b,i}` over :math:`T_b` = positions that are not image tokens, not padding and (``labels`` given) not
-    supervised answer tokens, so a pruner never reads the answer. Detached: the language model owns them."""
-    text = ~visual_mask
-    if attention_mask is not None:
-        text = text & attention_mask.bool()
-    if labels is not None:
-        text = text & (labels == -100)
-    w = text.unsqueeze(-1).to(embeds.dtype)
-    return ((embeds * w).sum(1) / w.sum(1).clamp(min=1)).detach()
-
-
-def select_visual(pruner, tokens, valid_mask=None, text=None, ratio=None, rule=None, tau=None, min_keep=None,
-                  **pruner_kwargs):
-    """The one scoring/selection path: ``pruner`` scores ``tokens`` [B, N, d] (``valid_mask`` [B, N] marks real
-    tokens; ``text`` [B, d] is the pooled question, read only by a question-aware pruner; ``pruner_kwargs`` go
-    to the pruner as they are). A ``ratio`` without a ``rule`` means top-k; ``min_keep`` (default: the pruner's)
-    applies to this call. Tokens are cast to the pruner's dtype outside autocast. Returns the pruner's
-    :class:`vtp.PrunerOutput` (mask, logits, keep_prob)."""
-    if rule is None and ratio is not None:
-        rule = "topk"
-    kwargs = {} if getattr(pruner, "text_dim", None) is None else {"text": text}
-    param = next(pruner.parameters(), None)
-    if param is not None and tokens.dtype != param.dtype and not torch.is_autocast_enabled(tokens.device.type):
-        tokens = tokens.to(param.dtype)
-        kwargs = {k: v.to(param.dtype) for k, v in kwargs.items()}
-    kwargs.update(pruner_kwargs)
-    if min_keep is None:
-        return pruner(tokens, valid_mask=valid_mask, tau=tau, ratio=ratio, rule=rule, **kwargs)
-    previous, pruner.min_keep = pruner.min_keep, min_keep
-    try:
-        return pruner(tokens, valid_mask=valid_mask, tau=tau, ratio=ratio, rule=rule, **kwargs)
-    finally:
-        pruner.min_keep = previous
 
 
 def kept_index(keep: torch.Tensor, left: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -6,8 +6,9 @@ graphs, or through a compiled decoder layer.
   :class:`DecoderStack` runs it for every layer of a transformers ``LlamaForCausalLM``;
   :func:`run_layers` / :func:`prefill` are the plain transformers forward.
 * :class:`PrunedPrefill`: one batch's prefill, unpruned (``ratio=None``) or pruned with the pruner's own cost
-  included (scoring, top-k, physical removal with the ORIGINAL position ids); :func:`reference_removal` is the
-  plain forward on the kept tokens, what every path must equal.
+  included (scoring, top-k, physical removal with the ORIGINAL position ids); the selection is the library's
+  (:mod:`vtp.selection`); :func:`reference_removal` is the plain forward on the kept tokens, what every path must
+  equal.
 """
 from __future__ import annotations
 
@@ -19,14 +20,15 @@ from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 from .attention import Removed, remove_tokens
-from .gumbel import keep_probability
-from .pruner import check_ratio, topk_keep_mask
+from .pruner import check_ratio
+from .selection import select_visual, topk_index, visual_keep_prob
 
 __all__ = ["KVCache", "kept_tokens", "decoder_layer", "DecoderStack", "run_layers", "prefill", "PrunedPrefill",
-           "REMOVALS", "reference_removal"]
+           "REMOVALS", "reference_removal", "CACHE_KWARG"]
 
-# Keyword under which decoder layers take the cache ("cache" in newer transformers, "past_key_values" before).
-_CACHE_KW = "cache" if "cache" in inspect.signature(LlamaDecoderLayer.forward).parameters else "past_key_values"
+#: Keyword under which a decoder layer takes the cache: ``layer(h, ..., **{CACHE_KWARG: cache})`` ("cache" in newer
+#: transformers, "past_key_values" before).
+CACHE_KWARG = "cache" if "cache" in inspect.signature(LlamaDecoderLayer.forward).parameters else "past_key_values"
 
 
 def _pos_int(value, name: str, minimum: int = 1) -> int:
@@ -171,7 +173,7 @@ def run_layers(model, embeds: torch.Tensor, position_ids: torch.Tensor, cache: K
         h = embeds
         for layer in base.layers:
             h = layer(h, attention_mask=None, position_ids=position_ids, position_embeddings=pos_emb,
-                      **{_CACHE_KW: cache})
+                      **{CACHE_KWARG: cache})
     if cache is not None:
         cache.length += embeds.shape[1]
     return base.norm(h)
@@ -188,11 +190,6 @@ def prefill(model, embeds, position_ids, cache: KVCache | None = None, layers: D
 REMOVALS = ("library", "static")
 
 
-def _linear_as_sum(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """``F.linear(x, weight, bias)`` for a few outputs, as a product and a sum over the input features."""
-    return (x.unsqueeze(-2) * weight).sum(-1) + bias
-
-
 class PrunedPrefill:
     """Prefill of one batch, full or pruned, in eager mode or as CUDA graphs (``graphs=True``, CUDA only).
 
@@ -202,11 +199,13 @@ class PrunedPrefill:
     returns ``(hidden, logits)``; :meth:`select_and_remove` is the pruner's share of the work. ``layers``
     (a :class:`DecoderStack`, compiled or not) replaces the decoder modules' forward.
 
-    ``removal="library"`` builds the keep mask over all L tokens and removes tokens with
+    ``removal="library"`` selects with :func:`vtp.selection.select_visual` (what :func:`vtp.patch` and
+    :class:`vtp.PrunedVLM` call), builds the keep mask over all L tokens and removes tokens with
     :func:`vtp.attention.remove_tokens`, which reads the kept count back to the host (it must size its
     output), so in graph mode it runs eagerly between two graphs. ``removal="static"`` uses the kept count
-    known in advance (top-k budget): it gathers the kept index directly (:meth:`_static_select`), without a
-    read-back, so pruner, removal and model form a single graph; its output is identical.
+    known in advance (top-k budget): the same scores (:func:`vtp.selection.visual_keep_prob`) and the kept index
+    gathered directly (:func:`vtp.selection.topk_index`), without a read-back, so pruner, removal and model form a
+    single graph; its output is identical. The pruner must be in eval mode: its deployed top-k rule is timed.
     """
 
     def __init__(self, model, pruner, embeds, n_visual: int, text_before: int = 0, ratio=None,
@@ -218,6 +217,8 @@ class PrunedPrefill:
             raise ValueError(f"text_before must be in [0, {L - n_visual}], got {text_before}")
         if removal not in REMOVALS:
             raise ValueError(f"removal must be one of {REMOVALS}, got {removal!r}")
+        if pruner.training:
+            raise ValueError("pruner must be in eval mode (pruner.eval()): the prefill times its top-k rule")
         self.model, self.pruner, self.embeds, self.removal, self.layers = model, pruner, embeds, removal, layers
         self.ratio = None if ratio is None else check_ratio(ratio)
         self.vis = slice(text_before, text_before + n_visual)
@@ -279,47 +280,29 @@ class PrunedPrefill:
     def _select(self) -> Removed:
         return self._static_select() if self._compiled is None else self._compiled(self)
 
+    def _question(self) -> torch.Tensor | None:
+        """The pooled question a question-aware pruner reads: the mean of the text tokens' embeddings, as
+        :meth:`vtp.PrunedVLM.question_embedding` (``None`` for a question-blind pruner)."""
+        return None if self._text_tokens is None else self._text_tokens.mean(1)
+
     def _keep_prob(self) -> torch.Tensor:
-        """The pruner's keep probabilities [B, n_visual] via :meth:`GumbelVisionPruner.score` (``forward`` also
-        re-checks its validity mask on the host, a read-back that a CUDA graph cannot contain). A question-aware
-        pruner gets the mean of the text tokens' embeddings, as :meth:`vtp.PrunedVLM.question_embedding`."""
-        text = None if self._text_tokens is None else self._text_tokens.mean(1)
-        if not torch.compiler.is_compiling():
-            return keep_probability(self.pruner.score(self._visual, text))
-        # Compiled: the last Linear(inner, 2) as a product and a sum, which the compiler fuses with the ReLU into
-        # one reduction kernel; as a GEMM with 2 outputs it ran as a poorly used tensor-core kernel (H100, batch 1,
-        # in a CUDA graph: the selection took 67.2 -> 57.6 us). And the first Linear's bias is added with the
-        # question term, W1 LN(v) + (b1 + U LN(q)): a plain matrix product is faster than one with a fused bias
-        # (batch 1, keep 0.25: 76-78 -> 64-66 us). Same math; bf16 rounds it differently.
-        pr, first, head = self.pruner, self.pruner.scorer[0], self.pruner.scorer[2]
-        bias = first.bias if text is None else first.bias + pr.text_proj(pr.text_norm(text))
-        h = F.relu(F.linear(pr.norm(self._visual), first.weight) + bias.unsqueeze(-2))
-        return keep_probability(_linear_as_sum(h, head.weight, head.bias))
+        """The pruner's keep probabilities [B, n_visual]: :func:`vtp.selection.visual_keep_prob`."""
+        return visual_keep_prob(self.pruner, self._visual, self._question())
 
     def _keep_mask(self) -> torch.Tensor:
-        """Keep mask [B, L]: text always kept, visual tokens by the pruner's eval-mode top-k rule
-        (:func:`vtp.pruner.topk_keep_mask`), the same computation as ``pruner(tokens, rule="topk")``."""
+        """Keep mask [B, L]: text always kept, visual tokens by :func:`vtp.selection.select_visual` at ``ratio``
+        (the pruner's eval-mode top-k rule)."""
         keep = torch.ones(self.embeds.shape[:2], dtype=torch.bool, device=self.embeds.device)
-        keep[:, self.vis] = topk_keep_mask(self._keep_prob(), self.ratio, None, self.pruner.min_keep).bool()
+        keep[:, self.vis] = select_visual(self.pruner, self._visual, text=self._question(), ratio=self.ratio).mask.bool()
         return keep
 
     def _static_select(self) -> Removed:
-        """Top-k selection and removal for the kept count ``k`` known in advance, with one gather:
-
-        kept index = [0, text_before) ++ (text_before + the k best visual tokens, ascending) ++ the rest of
-        the text. The same tokens, in the same order, as :meth:`_keep_mask` then ``remove_tokens``, with a
-        handful of kernels instead of a mask over all L tokens and its sort. The k best are the first k of a
-        stable descending sort of the keep probabilities, exactly ``topk_keep_mask``'s rank < k: a tie goes to
-        the earlier token. ``torch.topk`` leaves ties unspecified, and they do occur: float32 rounds
-        p = sigmoid(l_keep - l_drop) to 1.0 for logit gaps above about 17 (so the ranking is on p, not on the
-        logit gap, although sigmoid is monotone). Ties are made impossible instead: each token's key packs
-        the bits of p (ordered like p, as p >= 0) above ``n - 1 - i``, so equal p rank the earlier token
-        first, and one ``topk`` over unique int64 keys replaces the sort of all n probabilities.
-        """
-        prob = self._keep_prob().float()
-        key = (prob.view(torch.int32).long() << 32) | self._tiebreak
-        best = (prob.shape[-1] - 1) - (key.topk(self.k, dim=-1, sorted=False).values & 0xFFFFFFFF)
-        index = torch.cat([self._text[0], best.sort(dim=-1).values + self.vis.start, self._text[1]], dim=1)
+        """Top-k selection and removal for the kept count ``k`` known in advance, with one gather: kept index =
+        [0, text_before) ++ (text_before + the k best visual tokens, ascending: :func:`vtp.selection.topk_index`)
+        ++ the rest of the text. The same tokens, in the same order, as :meth:`_keep_mask` then ``remove_tokens``,
+        with a handful of kernels instead of a mask over all L tokens and its sort."""
+        best = topk_index(self._keep_prob(), self.k, self._tiebreak)
+        index = torch.cat([self._text[0], best + self.vis.start, self._text[1]], dim=1)
         embeds = self.embeds.gather(1, index.unsqueeze(-1).expand(-1, -1, self.embeds.shape[-1]))
         return Removed(embeds, index, self._ones, index, self._lengths)  # position ids = original positions
 

@@ -23,8 +23,8 @@ from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForCo
                           Qwen2Config, SiglipVisionConfig)
 
 from .attention import policy_attention, remove_tokens
-from .patch import question_embedding, select_visual
 from .pruner import threshold_keep_mask, topk_keep_mask
+from .selection import question_embedding, select_visual
 
 __all__ = ["VLMConfig", "PRESETS", "vlm_config", "build_llava", "num_visual_tokens", "count_parameters",
            "PrunedVLM", "PrunedVLMOutput", "MODES", "answer_logits"]
@@ -199,9 +199,9 @@ class PrunedVLM(nn.Module):
         return torch.stack(list(feats)) if isinstance(feats, (list, tuple)) else feats
 
     def question_embedding(self, embeds, visual_mask, attention_mask, labels=None) -> torch.Tensor:
-        """Mean input embedding ``[B, d]`` of each prompt's text tokens (:func:`vtp.patch.question_embedding`, the
-        one that :func:`vtp.patch` uses): not image placeholders, not padding and, when ``labels`` are given, not the
-        supervised (answer) tokens, so a pruner never reads the answer. Detached."""
+        """Mean input embedding ``[B, d]`` of each prompt's text tokens (:func:`vtp.selection.question_embedding`,
+        the one that :func:`vtp.patch` uses): not image placeholders, not padding and, when ``labels`` are given,
+        not the supervised (answer) tokens, so a pruner never reads the answer. Detached."""
         return question_embedding(embeds, visual_mask, attention_mask, labels)
 
     def _keep_mask(self, tokens, keep, scores, ratio, rule, tau, mode, text=None, prompt=None):
