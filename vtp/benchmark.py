@@ -1,5 +1,4 @@
-r"""Inference speed of pruned prefill, measured against a FLOPs model (accuracy lives in :mod:`vtp.evaluate`;
-speed is kept here so that each module stays small; the prefill paths it times live in :mod:`vtp.prefill_paths`).
+r"""Inference speed of pruned prefill, measured against a FLOPs model (accuracy lives in :mod:`vtp.evaluate`).
 
 The language model is a transformers ``LlamaForCausalLM`` built from a config (random weights), shaped like
 LLaVA-1.5-7B's by default, fed ``n_visual`` visual tokens inside ``n_text`` text tokens. The **pruned** path
@@ -7,15 +6,10 @@ is the real inference path, its cost included: :class:`~vtp.GumbelVisionPruner` 
 (eval, top-k), :func:`vtp.attention.remove_tokens` removes the dropped ones keeping the ORIGINAL position
 ids, and the shorter sequence goes through the model.
 
-**FLOPs model** (a multiply-add = 2 FLOPs), batch :math:`B`, length :math:`L`, width :math:`d`, MLP width
-:math:`f`, key/value width :math:`d_{kv}`, per decoder layer
-
-.. math::
-    F_\text{proj} = 2BL(2d^2 + 2d\,d_{kv}),\quad F_\text{attn} = 4Bd\,P,\ P = \tfrac{L(L+1)}{2}
-    \text{ (causal) or } L^2,\quad F_\text{mlp} = 2BL\cdot 3df,
-
-plus :math:`2BdV` for the last token's logits; the pruner adds :math:`2BN(d^2/r + 2d/r)`, plus :math:`2Bd^2/r` for its question projection. The **bound** on
-the speedup is :math:`F(L_\text{full}) / (F(L_\text{kept}) + F_\text{pruner})`.
+What it is made of, one module each: the prefill paths it times (:mod:`vtp.prefill_paths`), the FLOPs model and
+the bound on the speedup, :math:`F(L_\text{full}) / (F(L_\text{kept}) + F_\text{pruner})` (:mod:`vtp.flops`),
+the clock (:mod:`vtp.timing`) and the rows, goals and table of the results (:mod:`vtp.benchmark_report`). Their
+public names are importable from here too.
 
 **Timing**: CUDA events after warm-up, median of ``repeats`` runs, each starting on an idle GPU. Methods:
 ``eager`` (one launch per kernel), ``graph`` (CUDA graphs, static shapes) and ``compiled`` (the decoder layer
@@ -28,25 +22,26 @@ reads the kept count back to size its output; ``removal="static"`` needs no read
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
-from statistics import median, quantiles
+from statistics import median
 
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-# re-exported: lesson 09 and the tests reach the prefill paths (and CACHE_KWARG) through this module
-from .prefill_paths import (CACHE_KWARG, REMOVALS, DecoderStack, KVCache, PrunedPrefill, _capture, _pos_int, decoder_layer,
-                           kept_tokens, prefill, reference_removal, run_layers)  # noqa: F401
+# re-exported: lesson 09 and the tests reach the prefill paths, the FLOPs model, the clock and the report here
+from .benchmark_report import check_goals, format_row, format_table, prefill_row
+from .flops import kv_cache_bytes, prefill_flops, pruner_flops, speedup_bound
+from .prefill_paths import (CACHE_KWARG, REMOVALS, DecoderStack, KVCache, PrunedPrefill, _capture, _pos_int,
+                            decoder_layer, kept_tokens, prefill, reference_removal, run_layers)
 from .pruner import GumbelVisionPruner, check_ratio
 from .runtime import default_device, device_name, run_mode
+from .timing import CPU_CAVEAT, measure_roofline, rel_err, time_ms, write_results
 
 __all__ = ["LLAVA_7B", "TINY", "BenchConfig", "KVCache", "CACHE_KWARG", "lm_config", "build_lm", "prefill_flops",
            "pruner_flops", "kept_tokens", "speedup_bound", "kv_cache_bytes", "decoder_layer", "DecoderStack",
-           "run_layers", "prefill", "PrunedPrefill", "reference_removal", "time_ms", "run_benchmark", "check_goals",
-           "format_table", "write_results", "main"]
+           "run_layers", "prefill", "PrunedPrefill", "reference_removal", "REMOVALS", "time_ms", "run_benchmark",
+           "check_goals", "format_table", "CPU_CAVEAT", "write_results", "main"]
 
 LLAVA_7B = dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
                 intermediate_size=11008, vocab_size=32000)
@@ -72,93 +67,6 @@ def build_lm(config: LlamaConfig, device=None, dtype=torch.bfloat16, seed: int =
     return model.eval()
 
 
-# ----------------------------------------------------------------------------------------------- FLOPs model
-def prefill_flops(config: LlamaConfig, seq_len: int, batch: int = 1, causal: bool = True,
-                  logits_tokens: int = 1) -> dict:
-    """Prefill FLOPs by term (see the module docstring); ``per_layer`` and ``total`` included."""
-    L, B = _pos_int(seq_len, "seq_len"), _pos_int(batch, "batch")
-    d, f, V = config.hidden_size, config.intermediate_size, config.vocab_size
-    d_kv = config.num_key_value_heads * (d // config.num_attention_heads)
-    pairs = L * (L + 1) // 2 if causal else L * L
-    proj = 2 * B * L * (2 * d * d + 2 * d * d_kv)
-    attn = 4 * B * d * pairs  # Q K^T and A V: 2 FLOPs per multiply-add, d = heads x head_dim
-    mlp = 2 * B * L * 3 * d * f
-    per_layer = proj + attn + mlp
-    n = config.num_hidden_layers
-    out = dict(proj=n * proj, attention=n * attn, mlp=n * mlp, lm_head=2 * B * logits_tokens * d * V)
-    out.update(per_layer=per_layer, total=n * per_layer + out["lm_head"])
-    return out
-
-
-def pruner_flops(hidden: int, n_visual: int, batch: int = 1, reduction: int = 4, question: bool = True) -> int:
-    """FLOPs of the pruner's scorer ``Linear(d, d/r) -> ReLU -> Linear(d/r, 2)`` on ``n_visual`` tokens, plus
-    (``question``) the projection ``Linear(d, d/r)`` of one pooled question embedding per sample."""
-    inner = hidden // reduction
-    return 2 * batch * (n_visual * (hidden * inner + inner * 2) + (hidden * inner if question else 0))
-
-
-def speedup_bound(config: LlamaConfig, ratio, n_visual: int = 576, n_text: int = 64, batch: int = 1,
-                  causal: bool = True, with_pruner: bool = True) -> float:
-    """FLOPs(full prefill) / (FLOPs(pruned prefill) + FLOPs(pruner)): the speedup FLOPs allow."""
-    k = kept_tokens(ratio, n_visual)
-    full = prefill_flops(config, n_visual + n_text, batch, causal)["total"]
-    pruned = prefill_flops(config, k + n_text, batch, causal)["total"]
-    extra = pruner_flops(config.hidden_size, n_visual, batch) if with_pruner else 0
-    return full / (pruned + extra)
-
-
-def kv_cache_bytes(config: LlamaConfig, seq_len: int, batch: int = 1, dtype=torch.bfloat16) -> int:
-    """Bytes of the KV cache: keys and values, every layer: ``2 * layers * B * L * d_kv * itemsize``."""
-    d_kv = config.num_key_value_heads * (config.hidden_size // config.num_attention_heads)
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    return 2 * config.num_hidden_layers * batch * seq_len * d_kv * itemsize
-
-
-# ------------------------------------------------------------------------------------------------- timing
-def time_ms(fn, warmup: int = 3, repeats: int = 20, device=None) -> list[float]:
-    """Times of ``repeats`` calls in ms (CUDA events on CUDA, else the host clock), after ``warmup`` calls.
-    The device is synchronized before each call, so every call starts on an idle GPU."""
-    cuda = torch.device(device or default_device()).type == "cuda"
-    for _ in range(_pos_int(warmup, "warmup", 0)):
-        fn()
-    times = []
-    for _ in range(_pos_int(repeats, "repeats")):
-        if not cuda:
-            t0 = time.perf_counter()
-            fn()
-            times.append(1e3 * (time.perf_counter() - t0))
-            continue
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return times
-
-
-def _iqr(times):
-    q = quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
-    return q[2] - q[0]
-
-
-def _rel_err(out, ref) -> float:
-    """||out - ref|| / ||ref|| in float32."""
-    return float((out.float() - ref.float()).norm() / ref.float().norm())
-
-
-def measure_roofline(device, size: int = 8192) -> dict:
-    """This GPU's two ceilings, measured: bf16 matrix product TFLOP/s and device copy GB/s (read + write)."""
-    a, b = (torch.randn(size, size, device=device, dtype=torch.bfloat16) for _ in range(2))
-    t = median(time_ms(lambda: a @ b, 3, 10, device))
-    x = torch.randn(2**28, device=device, dtype=torch.bfloat16)
-    y = torch.empty_like(x)
-    tc = median(time_ms(lambda: y.copy_(x), 3, 10, device))
-    return dict(matmul_tflops=2 * size**3 / t / 1e9, copy_gbps=2 * x.nbytes / tc / 1e6)
-
-
-# ---------------------------------------------------------------------------------------------- benchmark
 @dataclass
 class BenchConfig:
     """What :func:`run_benchmark` measures: the lesson's GPU setting by default, ``smoke()`` a CPU minute."""
@@ -234,7 +142,7 @@ def _ulp_sensitivity(model, embeds, kept_index, ref=None, seed: int = 0) -> floa
     sign = torch.randint(0, 2, embeds.shape, generator=g, device=embeds.device) * 2 - 1
     nudged = (embeds.float() * (1 + sign * 2.0 ** -8)).to(embeds.dtype)
     ref = reference_removal(model, embeds, kept_index) if ref is None else ref
-    return _rel_err(reference_removal(model, nudged, kept_index), ref)
+    return rel_err(reference_removal(model, nudged, kept_index), ref)
 
 
 def _verify(model, pruner, embeds, cfg, layers=None, tag="") -> dict:
@@ -252,8 +160,8 @@ def _verify(model, pruner, embeds, cfg, layers=None, tag="") -> dict:
             raise RuntimeError(f"graphed prefill ({tag}{removal} removal) left non-finite outputs")
         index = graphed.select_and_remove().index
         ref = reference_removal(model, embeds, index)
-        out[f"{tag}{removal}_graph_vs_eager"] = _rel_err(h, h_eager)
-        out[f"{tag}{removal}_graph_vs_reference"] = _rel_err(h, ref)
+        out[f"{tag}{removal}_graph_vs_eager"] = rel_err(h, h_eager)
+        out[f"{tag}{removal}_graph_vs_reference"] = rel_err(h, ref)
         if not tag and removal == "static":
             out["reference_ulp_sensitivity"] = _ulp_sensitivity(model, embeds, index, ref)
         del graphed
@@ -276,8 +184,8 @@ def _measure(res, model, pruner, embeds, cfg, method: str, main: str, layers, de
         over = time_ms(run.select_and_remove, cfg.warmup, cfg.repeats, device)
         if hasattr(run, "select_compile_error"):
             _skip(res, log, embeds.shape[0], f"{method} selection", run.select_compile_error)
-        res["prefill"].append(_row(model.config, cfg, res, method, removal, embeds.shape[0], r, full_t, t, over))
-        log(_fmt_row(res["prefill"][-1]))
+        res["prefill"].append(prefill_row(model.config, cfg, res, method, removal, embeds.shape[0], r, full_t, t, over))
+        log(format_row(res["prefill"][-1]))
         if cfg.decode and method == main and r < 1 and removal == "library":
             res["decode"].append(_decode(run, cfg, device))
         del run
@@ -299,146 +207,78 @@ def run_benchmark(cfg: BenchConfig | None = None, log=print) -> dict:
     ``eager_batches``."""
     cfg = (cfg or (BenchConfig() if run_mode() == "full" else BenchConfig.smoke())).validate()
     device = torch.device(cfg.device) if cfg.device else default_device()
-    cuda, dtype = device.type == "cuda", getattr(torch, cfg.dtype)
+    dtype = getattr(torch, cfg.dtype)
     config, t0 = lm_config(cfg.shape), time.perf_counter()
     model = build_lm(config, device, dtype, cfg.seed)
-    # lesson 07's pruner reads the question; its projection starts at zero, so give it random weights here
-    pruner = GumbelVisionPruner(config.hidden_size, rule="topk", text_dim=config.hidden_size)
-    torch.nn.init.normal_(pruner.text_proj.weight, std=config.hidden_size ** -0.5)
-    pruner = pruner.to(device, dtype).eval()
-    L = cfg.n_visual + cfg.n_text
-    weights = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "embed" not in n)
-    res = dict(device=device_name(device), torch=torch.__version__, mode=run_mode(), config=asdict(cfg),
-               model={k: getattr(config, k) for k in LLAVA_7B}, weight_bytes=weights,
-               roofline=measure_roofline(device) if cuda else None, checks={}, prefill=[], decode=[], skipped=[])
+    pruner = _question_aware_pruner(config.hidden_size, device, dtype)
+    res = _new_results(cfg, config, model, device)
     log(f"{res['device']}: model built in {time.perf_counter() - t0:.1f} s")
-    main = "graph" if cuda and cfg.graphs else "eager"
+    main = "graph" if device.type == "cuda" and cfg.graphs else "eager"
     stack = None  # the compiled DecoderStack, built once: its graphs are shared by every batch
     for B in cfg.batches:
-        embeds = torch.randn(B, L, config.hidden_size, device=device, dtype=dtype,
+        embeds = torch.randn(B, cfg.n_visual + cfg.n_text, config.hidden_size, device=device, dtype=dtype,
                              generator=torch.Generator(device).manual_seed(cfg.seed + B))
-        methods = [main]
-        if B in cfg.compile_batches:
-            if main == "graph":
-                methods.append("compiled")
-            else:
-                _skip(res, log, B, "compiled", "torch.compile lever: CUDA with CUDA graphs only")
-        if main == "graph" and B in cfg.eager_batches:
-            methods.append("eager")
-        for method in methods:
-            try:
-                if method == "compiled":
-                    stack = stack or DecoderStack(model, compile=True, autotune=cfg.compile_autotune)
-                layers, tag = (stack, "compiled_") if method == "compiled" else (None, "")
-                if method != "eager" and f"{tag}static_graph_vs_reference" not in res["checks"]:
-                    res["checks"].update(_verify(model, pruner, embeds, cfg, layers, tag))
-                    log(f"checks: {res['checks']}")
-                _measure(res, model, pruner, embeds, cfg, method, main, layers, device, log)
-            except torch.cuda.OutOfMemoryError:
-                _skip(res, log, B, method, "out of memory")
-                torch.cuda.empty_cache()
-            except Exception as e:  # the compiled lever is optional: record why it failed and go on
-                if method != "compiled":
-                    raise
-                _skip(res, log, B, method, f"torch.compile failed: {type(e).__name__}: {e}")
-                stack = None  # compile afresh for the next batch
-                torch.cuda.empty_cache()
+        for method in _methods(res, log, cfg, B, main):
+            stack = _run_method(res, model, pruner, embeds, cfg, method, main, stack, device, log)
     res["goals"], res["seconds"] = check_goals(res), time.perf_counter() - t0
     return res
 
 
-def _row(config, cfg, res, method, removal, B, r, full_t, t, over) -> dict:
-    L, k, dtype = cfg.n_visual + cfg.n_text, kept_tokens(r, cfg.n_visual), getattr(torch, cfg.dtype)
-    f_full = prefill_flops(config, L, B)["total"]
-    f_pruned = prefill_flops(config, k + cfg.n_text, B)["total"] + pruner_flops(config.hidden_size, cfg.n_visual, B)
-    full_ms, pruned_ms, over_ms = median(full_t), median(t), median(over)
-    bound = speedup_bound(config, r, cfg.n_visual, cfg.n_text, B)
-    row = dict(method=method, removal=removal, batch=B, keep_ratio=r, visual_kept=k, seq_len=k + cfg.n_text, full_ms=full_ms,
-               pruned_ms=pruned_ms, full_iqr_ms=_iqr(full_t), pruned_iqr_ms=_iqr(t), speedup=full_ms / pruned_ms,
-               bound=bound, fraction_of_bound=full_ms / pruned_ms / bound, overhead_ms=over_ms,
-               overhead_frac=over_ms / pruned_ms, samples_per_s=1e3 * B / pruned_ms,
-               tflops_full=f_full / full_ms / 1e9, tflops_pruned=f_pruned / pruned_ms / 1e9,
-               kv_cache_mb_full=kv_cache_bytes(config, L, B, dtype) / 2**20,
-               kv_cache_mb_pruned=kv_cache_bytes(config, k + cfg.n_text, B, dtype) / 2**20)
-    if res["roofline"]:  # roofline floor: max(FLOPs / peak rate, weight bytes / bandwidth)
-        peak, bw = res["roofline"]["matmul_tflops"] * 1e9, res["roofline"]["copy_gbps"] * 1e6
-        row["floor_full_ms"] = max(f_full / peak, res["weight_bytes"] / bw)
-        row["floor_pruned_ms"] = max(f_pruned / peak, res["weight_bytes"] / bw)
-    return row
+def _question_aware_pruner(width: int, device, dtype) -> GumbelVisionPruner:
+    r"""Lesson 07's pruner reads the question; its projection starts at zero, so it gets random weights here
+    (std :math:`1/\sqrt{d}`). Top-k rule, eval mode."""
+    pruner = GumbelVisionPruner(width, rule="topk", text_dim=width)
+    torch.nn.init.normal_(pruner.text_proj.weight, std=width ** -0.5)
+    return pruner.to(device, dtype).eval()
 
 
-def _fmt_row(r) -> str:
-    return (f"{r['method']:>8} {r['removal']:>7} B={r['batch']:<3d} keep={r['keep_ratio']:<5g}({r['visual_kept']:>3d} vis) "
-            f"full {r['full_ms']:8.2f} ms  pruned {r['pruned_ms']:8.2f} ms  speedup {r['speedup']:5.2f}x  "
-            f"bound {r['bound']:5.2f}x ({r['fraction_of_bound']:4.0%})  pruner {r['overhead_frac']:6.2%}")
+def _new_results(cfg: BenchConfig, config, model, device) -> dict:
+    """The results dict before any measurement: device, versions, the configs, the model's weight bytes (the
+    embedding table left out: a prefill reads only its rows) and, on CUDA, the measured roofline."""
+    weights = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "embed" not in n)
+    return dict(device=device_name(device), torch=torch.__version__, mode=run_mode(), config=asdict(cfg),
+                model={k: getattr(config, k) for k in LLAVA_7B}, weight_bytes=weights,
+                roofline=measure_roofline(device) if device.type == "cuda" else None, checks={}, prefill=[],
+                decode=[], skipped=[])
 
 
-def check_goals(res: dict) -> list[dict]:
-    """The lesson's speed goals: target, measured value, met or not.
-
-    First on the main method's rows (graphs on CUDA), for each removal; the ``library`` rows are the ones
-    the goals are about. Then the batch-1 and batch-8 goals once more for the fastest method and removal at
-    keep 0.25 (``compiled`` where it ran), labelled ``[best: method, removal]``, with ``method`` and
-    ``removal`` "best".
-    """
-    rows, goals = res["prefill"], []
-    main = rows[0]["method"] if rows else None
-
-    def add(name, label, target, value, met, method, removal):
-        goals.append(dict(goal=f"{name} [{label}]", method=method, removal=removal, target=target,
-                          measured=value, met=bool(met)))
-
-    def worst_overhead(B, method, removal):
-        return max(r["overhead_frac"] for r in rows
-                   if r["batch"] == B and r["method"] == method and r["removal"] == removal)
-
-    for removal in REMOVALS:
-        at = {(r["batch"], r["keep_ratio"]): r for r in rows if r["method"] == main and r["removal"] == removal}
-        label = f"{removal} removal"
-        for B in (8, 32):
-            if (B, 0.25) in at:
-                frac = at[B, 0.25]["fraction_of_bound"]
-                add(f"speedup / FLOPs bound, keep 0.25, batch {B}", label, ">= 0.90", frac, frac >= 0.90, main, removal)
-        if (1, 0.25) in at:
-            s = at[1, 0.25]["speedup"]
-            add("speedup, keep 0.25, batch 1", label, ">= 2.0", s, s >= 2.0, main, removal)
-        for B in sorted({b for b, _ in at}):
-            worst = worst_overhead(B, main, removal)
-            add(f"pruner overhead / pruned prefill, batch {B} (worst ratio)", label, "<= 0.01", worst, worst <= 0.01,
-                main, removal)
-    for B in (1, 8):  # the fastest method and removal at keep 0.25 (compiled, where it ran)
-        at_025 = [r for r in rows if r["batch"] == B and r["keep_ratio"] == 0.25]
-        if not at_025:
-            continue
-        best = max(at_025, key=lambda r: r["speedup"])
-        label = f"best: {best['method']}, {best['removal']} removal"
-        if B == 1:
-            add("speedup, keep 0.25, batch 1", label, ">= 2.0", best["speedup"], best["speedup"] >= 2.0, "best", "best")
+def _methods(res, log, cfg: BenchConfig, B: int, main: str) -> list[str]:
+    """The methods timed at batch ``B``: ``main``, then ``compiled`` (``compile_batches``; recorded as skipped
+    without CUDA graphs) and ``eager`` (``eager_batches``, when the main method is not eager already)."""
+    methods = [main]
+    if B in cfg.compile_batches:
+        if main == "graph":
+            methods.append("compiled")
         else:
-            frac = best["fraction_of_bound"]
-            add(f"speedup / FLOPs bound, keep 0.25, batch {B}", label, ">= 0.90", frac, frac >= 0.90, "best", "best")
-        worst = worst_overhead(B, best["method"], best["removal"])
-        add(f"pruner overhead / pruned prefill, batch {B} (worst ratio)", label, "<= 0.01", worst, worst <= 0.01,
-            "best", "best")
-    return goals
+            _skip(res, log, B, "compiled", "torch.compile lever: CUDA with CUDA graphs only")
+    if main == "graph" and B in cfg.eager_batches:
+        methods.append("eager")
+    return methods
 
 
-CPU_CAVEAT = ("NOTE: timed on a CPU. These timings are not meaningful for GPU inference (no CUDA graphs, other "
-              "kernels, other bottlenecks): the speedups, bounds and goals describe this CPU run only. Lesson 09's "
-              "numbers come from a CUDA GPU.")
-
-
-def format_table(res: dict, prefill: bool = True) -> str:
-    """Plain-text tables of the prefill rows (unless ``prefill=False``: the command line has printed them as
-    they were measured), the decode rows, what was skipped and the goals; on a CPU, :data:`CPU_CAVEAT` first."""
-    lines = [f"device: {res['device']}"] + ([CPU_CAVEAT] if str(res["device"]).startswith("CPU") else [])
-    lines += [_fmt_row(r) for r in res["prefill"]] if prefill else []
-    lines += [f"decode B={d['batch']:<3d} cache {d['cache_len']:>4d} tokens ({d['kv_cache_mb']:8.1f} MiB): "
-              f"{d['step_ms']:7.2f} ms/step, {d['tokens_per_s']:9.1f} tokens/s" for d in res["decode"]]
-    lines += [f"skipped B={s['batch']} {s['method']}: {s['reason']}" for s in res.get("skipped", [])] if prefill else []
-    lines += [f"goal {g['goal']}: {g['target']}, measured {g['measured']:.3f} -> {'met' if g['met'] else 'MISSED'}"
-              for g in res.get("goals", [])]
-    return "\n".join(lines)
+def _run_method(res, model, pruner, embeds, cfg, method: str, main: str, stack, device, log):
+    """One batch timed with ``method``: the checks first (:func:`_verify`, once per method), then
+    :func:`_measure`. Out of memory, and any error of the optional ``compiled`` method, is recorded in
+    ``skipped`` instead of raised. Returns the compiled :class:`DecoderStack` (built here on first use; ``None``
+    after a compile failure, to compile afresh for the next batch)."""
+    try:
+        if method == "compiled":
+            stack = stack or DecoderStack(model, compile=True, autotune=cfg.compile_autotune)
+        layers, tag = (stack, "compiled_") if method == "compiled" else (None, "")
+        if method != "eager" and f"{tag}static_graph_vs_reference" not in res["checks"]:
+            res["checks"].update(_verify(model, pruner, embeds, cfg, layers, tag))
+            log(f"checks: {res['checks']}")
+        _measure(res, model, pruner, embeds, cfg, method, main, layers, device, log)
+    except torch.cuda.OutOfMemoryError:
+        _skip(res, log, embeds.shape[0], method, "out of memory")
+        torch.cuda.empty_cache()
+    except Exception as e:  # the compiled lever is optional: record why it failed and go on
+        if method != "compiled":
+            raise
+        _skip(res, log, embeds.shape[0], method, f"torch.compile failed: {type(e).__name__}: {e}")
+        stack = None
+        torch.cuda.empty_cache()
+    return stack
 
 
 def _arg(kind, low: int = 1):
@@ -512,14 +352,6 @@ def main(argv=None) -> dict:
     print(format_table(res, prefill=False))
     write_results(res, a.out or (None if smoke else "results/09_inference_speed.json"))
     return res
-
-
-def write_results(res: dict, out: str | None):
-    """Write ``res`` as indented JSON to ``out`` (its folder created) and say so; nothing when ``out`` is None."""
-    if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(res, indent=1) + "\n")
-        print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -14,32 +14,18 @@ as in :mod:`vtp.benchmark`, so it really reads the question).
 * **Decode**: ``generate(max_new_tokens=1 + n)`` minus TTFT is the time of ``n`` decode steps;
   tokens/s = :math:`B n / (t_{1+n} - t_1)`. Eager transformers decoding with the dynamic KV cache.
 
-**FLOPs model of the pipeline** (a multiply-add = 2 FLOPs; matrix products only, as ``FlopCounterMode``
-counts them: norms, activations, softmax and residual adds are left out). Vision tower (CLIP), batch
-:math:`B`, :math:`P = (\text{image}/p)^2` patches, :math:`T = P + 1` tokens ([CLS]), width :math:`d_v`, MLP width
-:math:`f_v`, :math:`C` channels:
-
-.. math::
-    F_\text{patch} = 2BP\,(Cp^2)\,d_v,\qquad \text{per layer: } F_\text{proj} = 2BT\cdot 4d_v^2,\quad
-    F_\text{attn} = 4B\,d_v\,T^2 \text{ (bidirectional)},\quad F_\text{mlp} = 2BT\cdot 2d_v f_v,
-
-over **all** :math:`n_v` layers (LLaVA reads layer -2, but transformers runs the whole tower), and the projector
-on the :math:`P` patch tokens ([CLS] dropped), :math:`F_\text{mm} = 2BP(d_v d + d^2)`. For LLaVA-1.5-7B:
-:math:`F_\text{vision} \approx 0.41` TFLOPs per image (the language model's prefill of 640 tokens is
-:math:`\approx 8.4` TFLOPs). The pruner (:func:`vtp.benchmark.pruner_flops`) and the prefill
-(:func:`vtp.benchmark.prefill_flops`, causal) complete the pipeline:
+**FLOPs model of the pipeline** (:mod:`vtp.flops`, where the formulas are): vision tower, pruner and prefill,
 
 .. math::
     F_\text{pipe}(k) = F_\text{vision} + [k < N]\,F_\text{pruner} + F_\text{prefill}(k + n_\text{text}),\qquad
     \text{bound} = F_\text{pipe}(N) / F_\text{pipe}(k).
 
 The vision tower is a fixed cost that pruning cannot touch, so the bound at 64 of 576 tokens is about 4.2x, not
-the language model's 5x. **Decode** reads every weight and the KV cache once per step; at these lengths the
-weights dominate (13 GB against 0.3-2.7 GB of cache at batch 1-8), so the bound on the decode speedup is
-the byte ratio :math:`(W + \text{KV}(N + n_\text{text})) / (W + \text{KV}(k + n_\text{text}))` (about 1.15 at
-batch 8), and eager transformers decoding is limited by Python and kernel launches before either.
+the language model's 5x. **Decode** reads every weight and the KV cache once per step: its bound is a byte ratio
+(:func:`vtp.flops.decode_bound`, about 1.15 at batch 8), and eager transformers decoding is limited by Python and
+kernel launches before either.
 
-**Timing**: :func:`vtp.benchmark.time_ms` (CUDA events, the GPU synchronised before every call), after warm-up
+**Timing**: :func:`vtp.timing.time_ms` (CUDA events, the GPU synchronised before every call), after warm-up
 calls, median of ``repeats``. On a CPU the timings are not meaningful (a note says so, as in
 :mod:`vtp.benchmark`). Goal: TTFT speedup :math:`\ge 0.85\times` the bound at batch 8 and 64 visual tokens.
 
@@ -58,12 +44,14 @@ from statistics import median
 import torch
 from transformers import AutoModelForImageTextToText, CLIPVisionConfig, LlavaConfig
 
-from .benchmark import (CPU_CAVEAT, _iqr, kv_cache_bytes, lm_config, prefill_flops, pruner_flops, time_ms,
-                        write_results)
+from .benchmark import lm_config
+from .flops import (_n_visual, decode_bound, kv_cache_bytes, pipeline_bound, pipeline_flops, prefill_flops,
+                    pruner_flops, vision_flops)
 from .patch import patch, unpatch
 from .prefill_paths import _pos_int, kept_tokens
 from .pruner import GumbelVisionPruner, check_ratio
 from .runtime import default_device, device_name, run_mode
+from .timing import CPU_CAVEAT, iqr, time_ms, write_results
 
 __all__ = ["VISION_SHAPES", "GenerateBenchConfig", "llava_config", "build_llava_model", "make_pruner", "make_inputs",
            "vision_flops", "pipeline_flops", "pipeline_bound", "decode_bound", "generate", "cache_of",
@@ -139,67 +127,6 @@ def make_inputs(config: LlavaConfig, batch: int, n_text: int = 64, text_before: 
     device = device or default_device()
     return dict(input_ids=ids.to(device), attention_mask=torch.ones_like(ids, device=device),
                 pixel_values=pixels.to(device, dtype))
-
-
-# ----------------------------------------------------------------------------------------------- FLOPs model
-def vision_flops(config: LlavaConfig, batch: int = 1) -> dict:
-    """FLOPs of the vision tower and projector for ``batch`` images, by term (see the module docstring):
-    ``patch_embed``, ``proj``, ``attention``, ``mlp`` (all layers), ``projector``, ``per_layer``, ``total``."""
-    B, v, d = _pos_int(batch, "batch"), config.vision_config, config.text_config.hidden_size
-    dv, fv, p = v.hidden_size, v.intermediate_size, v.patch_size
-    P = (v.image_size // p) ** 2
-    T = P + 1  # + [CLS]
-    layer = config.vision_feature_layer
-    n_features = 1 if isinstance(layer, int) else len(layer)  # several layers are concatenated
-    proj = 2 * B * T * 4 * dv * dv  # q, k, v, out
-    attn = 4 * B * dv * T * T  # Q K^T and A V, no causal mask
-    mlp = 2 * B * T * 2 * dv * fv  # fc1, fc2
-    n = v.num_hidden_layers
-    P_out = P if config.vision_feature_select_strategy == "default" else T
-    out = dict(patch_embed=2 * B * P * v.num_channels * p * p * dv, proj=n * proj, attention=n * attn, mlp=n * mlp,
-               projector=2 * B * P_out * (n_features * dv * d + d * d))
-    out.update(per_layer=proj + attn + mlp, total=out["patch_embed"] + n * (proj + attn + mlp) + out["projector"])
-    return out
-
-
-def _n_visual(config: LlavaConfig) -> int:
-    v = config.vision_config
-    return (v.image_size // v.patch_size) ** 2
-
-
-def pipeline_flops(config: LlavaConfig, kept: int | None = None, n_text: int = 64, batch: int = 1,
-                   causal: bool = True, with_pruner: bool | None = None) -> dict:
-    """FLOPs of vision tower + pruner + prefill when the language model sees ``kept`` of the N visual tokens
-    (``None``: N, the unpatched model). The pruner (question-aware) is counted when ``with_pruner`` (default:
-    ``kept`` given, i.e. a patched model, which scores the tokens even at ratio 1). ``causal=False`` counts the
-    full :math:`L \times L` attention scores, as ``FlopCounterMode`` does. Keys ``vision``, ``pruner``,
-    ``prefill``, ``total``."""
-    N = _n_visual(config)
-    k = N if kept is None else _pos_int(kept, "kept")
-    if k > N:
-        raise ValueError(f"kept must be <= the {N} visual tokens per image, got {k}")
-    with_pruner = kept is not None if with_pruner is None else with_pruner
-    text = config.text_config
-    out = dict(vision=vision_flops(config, batch)["total"],
-               pruner=pruner_flops(text.hidden_size, N, batch) if with_pruner else 0,
-               prefill=prefill_flops(text, k + n_text, batch, causal)["total"])
-    out["total"] = out["vision"] + out["pruner"] + out["prefill"]
-    return out
-
-
-def pipeline_bound(config: LlavaConfig, kept: int, n_text: int = 64, batch: int = 1) -> float:
-    """The TTFT speedup FLOPs allow: the unpatched pipeline's FLOPs over the patched one's at ``kept`` visual
-    tokens, pruner included: :math:`F_\\text{pipe}(N) / F_\\text{pipe}(k)`."""
-    return pipeline_flops(config, None, n_text, batch)["total"] / pipeline_flops(config, kept, n_text, batch)["total"]
-
-
-def decode_bound(config: LlavaConfig, weight_bytes: int, kept: int, n_text: int = 64, batch: int = 1,
-                 dtype=torch.bfloat16) -> float:
-    """The decode-step speedup bytes allow (a memory-bound step reads every weight and the whole KV cache):
-    :math:`(W + KV(N + n_\\text{text})) / (W + KV(k + n_\\text{text}))`."""
-    text, N = config.text_config, _n_visual(config)
-    full = weight_bytes + kv_cache_bytes(text, N + n_text, batch, dtype)
-    return full / (weight_bytes + kv_cache_bytes(text, kept + n_text, batch, dtype))
 
 
 # ---------------------------------------------------------------------------------------------- benchmark
@@ -282,7 +209,7 @@ def _measure(model, inputs, cfg, device, config, B, kept, weight_bytes, dtype, p
     flops = pipeline_flops(config, kept if pruned else None, cfg.n_text, B)
     decode_ms = max(tn - t1, 1e-9) / cfg.decode_tokens
     return dict(pruned=pruned, batch=B, visual_kept=kept, seq_len=kept + cfg.n_text, ttft_ms=t1,
-                ttft_iqr_ms=_iqr(ttft), generate_ms=tn, decode_step_ms=decode_ms,
+                ttft_iqr_ms=iqr(ttft), generate_ms=tn, decode_step_ms=decode_ms,
                 decode_tokens_per_s=1e3 * B / decode_ms, end_to_end_tokens_per_s=1e3 * B * (1 + cfg.decode_tokens) / tn,
                 flops=flops, tflops_ttft=flops["total"] / t1 / 1e9,
                 kv_cache_mb=kv_cache_bytes(config.text_config, cache, B, dtype) / 2**20,

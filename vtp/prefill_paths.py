@@ -293,7 +293,8 @@ class PrunedPrefill:
         """Keep mask [B, L]: text always kept, visual tokens by :func:`vtp.selection.select_visual` at ``ratio``
         (the pruner's eval-mode top-k rule)."""
         keep = torch.ones(self.embeds.shape[:2], dtype=torch.bool, device=self.embeds.device)
-        keep[:, self.vis] = select_visual(self.pruner, self._visual, text=self._question(), ratio=self.ratio).mask.bool()
+        out = select_visual(self.pruner, self._visual, text=self._question(), ratio=self.ratio)
+        keep[:, self.vis] = out.mask.bool()
         return keep
 
     def _static_select(self) -> Removed:
