@@ -18,7 +18,7 @@ __all__ = ["lr_factor", "set_lr"]
 
 
 def lr_factor(cfg, step: int, progress, warmup_steps: int | None = None) -> float:
-    """Multiplier of the base learning rate at ``step``: linear warm-up over ``warmup_steps`` (default
+    r"""Multiplier of the base learning rate at ``step``: linear warm-up over ``warmup_steps`` (default
     ``cfg.warmup_steps``; 0 = none), times a cosine from 1 to ``cfg.min_lr_ratio`` over ``progress``, a number in
     [0, 1] (clipped) or a pair ``(done, total)`` of steps (clipped to [0, total]; the angle is then computed as
     :math:`\pi \cdot \text{done} / \text{total}`, the rounding phase 2 has always used)."""
