@@ -12,11 +12,6 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "results" / "08_why_accuracy_drops.json"
 NOTEBOOK = ROOT / "notebooks" / "08_why_accuracy_drops.ipynb"
 
-# Until lesson 08's full GPU run replaces it, the committed results file is the previous lesson's (no ladder):
-# the tests of its schema are expected to fail then, and strictly so: once the new file lands they must pass.
-PENDING = not RESULTS.exists() or "ladder" not in json.loads(RESULTS.read_text())
-pending_gpu_run = pytest.mark.xfail(PENDING, strict=True, reason="results/08_why_accuracy_drops.json predates the "
-                                    "controlled experiment: execute lesson 08 in full mode on a GPU")
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +25,6 @@ def res():
     return data
 
 
-@pending_gpu_run
 def test_written_by_a_full_run_with_the_shipped_teacher(res):
     assert res.get("mode") == "full", "the committed results must come from the full (GPU) run of lesson 08"
     shipped = json.loads((ROOT / "pretrained" / "MANIFEST.json").read_text())["teacher_easyvqa"]["sha256"]
@@ -39,7 +33,6 @@ def test_written_by_a_full_run_with_the_shipped_teacher(res):
     assert 0 < res["target_ratio"] <= 0.25
 
 
-@pending_gpu_run
 def test_ladder_and_leave_one_out(res):
     ladder, loo, variants = res["ladder"], res["leave_one_out"], res["variants"]
     assert ladder[0] == "user recipe" and ladder[-1] == "recommended recipe"
@@ -53,7 +46,6 @@ def test_ladder_and_leave_one_out(res):
     assert sum(variants[n]["diff_vs_reference"] for n in ladder[1:]) == pytest.approx(gap, abs=1e-9)
 
 
-@pending_gpu_run
 def test_every_effect_recomputes_from_the_seeds(res):
     n = len(res["seeds"])
     for name, v in res["variants"].items():
@@ -67,7 +59,6 @@ def test_every_effect_recomputes_from_the_seeds(res):
         assert 0 < v["keep_ratio"] <= 1 and v["rule"] in ("topk", "threshold")
 
 
-@pending_gpu_run
 def test_mask_law_and_rendered_answer(res):
     law = res["mask_law"]["per_seed"]
     assert len(law) == len(res["seeds"]) and all(
@@ -89,3 +80,9 @@ def test_lesson_prose_types_no_measured_number():
             assert not typed.search(src), f"markdown cell {i} types a measured number: {typed.search(src).group()}"
     rendered = [c for c in nb["cells"] if c["cell_type"] == "code" and "display(Markdown(" in "".join(c["source"])]
     assert len(rendered) >= 3  # the tables, the answer and the takeaways are rendered from the run
+
+
+def test_readme_states_the_answer(res):
+    readme = (ROOT / "README.md").read_text()
+    assert "> " + res["answer"] in readme, "README: paste results/08_why_accuracy_drops.json's `answer` after " \
+                                          "'Lesson 08's answer'"
