@@ -74,7 +74,7 @@ def test_lesson_prose_types_no_measured_number():
     """Lesson 08's results are rendered by code: its markdown cells carry no percentage or point figures."""
     nb = json.loads(NOTEBOOK.read_text())
     typed = re.compile(r"\d+\.\d+\s?%|[+-]?\d+\.\d+\s?points")  # measured values carry decimals
-    for i, cell in enumerate(nb["cells"]):
+    for i, cell in enumerate(nb["cells"][2:], 2):  # cell 1: the full run's answer, checked below
         if cell["cell_type"] == "markdown":
             src = "".join(cell["source"])
             assert not typed.search(src), f"markdown cell {i} types a measured number: {typed.search(src).group()}"
@@ -86,3 +86,10 @@ def test_readme_states_the_answer(res):
     readme = (ROOT / "README.md").read_text()
     assert "> " + res["answer"] in readme, "README: paste results/08_why_accuracy_drops.json's `answer` after " \
                                           "'Lesson 08's answer'"
+
+
+def test_lesson_opens_with_the_full_runs_answer(res):
+    """The first cell after the title is the answer paragraph of the committed full run, verbatim."""
+    cell = json.loads(NOTEBOOK.read_text())["cells"][1]
+    assert cell["cell_type"] == "markdown" and "".join(cell["source"]).rstrip().endswith(res["answer"])
+    assert res["device"] in "".join(cell["source"])
