@@ -47,13 +47,17 @@ CONFIGS = {
     "wide384": {"model": {"vision_width": 384, "vision_heads": 6, "text_width": 384, "text_heads": 6,
                           "text_kv_heads": 6, "text_layers": 6}, "lr": 3e-4},
     "pilot_compiled": {"compile": True},  # as pilot_qpi4, the loss torch.compile'd: is compile worth its time?
+    # the vision tower first learns what lies under each patch (vtp.scene_pretrain), for dense_pretrain_s seconds
+    "dense60": {"dense_pretrain_s": 60},
+    "dense120": {"dense_pretrain_s": 120, "lr": 7e-4},
     "easy_scenes": {"scene": {"colors": ["red", "green", "blue", "yellow"], "sizes": [["small", 7], ["large", 11]],
                               "min_objects": 4, "max_objects": 7}},
 }
 DEFAULT = ("pilot_qpi4", "lr1e-3_b256", "deep6", "pilot_compiled", "easy_scenes")  # wide384: --configs
 SMOKE_SCENE = {"image_size": 64, "patch_size": 16, "sizes": [["small", 4], ["large", 6]], "min_objects": 2,
                "max_objects": 4, "max_count": 2}
-SMOKE_CONFIGS = {"smoke_a": {"lr": 2e-3}, "smoke_b": {"lr": 1e-3, "questions_per_image": 2}}
+SMOKE_CONFIGS = {"smoke_a": {"lr": 2e-3}, "smoke_b": {"lr": 1e-3, "questions_per_image": 2},
+                 "smoke_dense": {"lr": 2e-3, "dense_pretrain_s": 5}}
 
 
 def _recipe(name: str, smoke: bool) -> dict:
@@ -155,6 +159,17 @@ def worker(name: str, out_dir: Path, deadline: float, smoke: bool) -> None:
     test = scene_split("test", scene, 120 if smoke else None)
     gen_s = time.time() - t0
     device = torch.device("cuda" if torch.cuda.is_available() and not smoke else "cpu")
+    model, dense = None, None
+    if spec.get("dense_pretrain_s"):  # stage 0: dense patch labels (colour, shape, size, centre) for the tower
+        from vtp.scene_pretrain import patch_labels, pretrain_vision
+        from vtp.vlm import build_llava
+
+        model = build_llava("smoke" if smoke else "scenes", vocab_size=processor.vocab_size,
+                            image_token_id=processor.image_token_id, pad_token_id=processor.pad_token_id,
+                            **spec["model"]).to(device)
+        hist0 = pretrain_vision(model, pool.images, patch_labels(pool), processor, scene, steps=1_000_000,
+                                time_budget_s=spec["dense_pretrain_s"], batch_size=spec["batch_size"] // 2)
+        dense = {k: hist0[k] for k in ("steps_done", "train_time_s", "loss", "acc")}
     budget = deadline - EVAL_RESERVE_S["smoke" if smoke else "full"] - time.time()
     if budget < 5:
         raise RuntimeError(f"{name}: only {budget:.0f} s left for training after data generation")
@@ -165,12 +180,12 @@ def worker(name: str, out_dir: Path, deadline: float, smoke: bool) -> None:
                       eval_questions=1800)
     val = encode_scenes(scene_split("val", scene, 60 if smoke else None), processor, device)  # the learning curve
     model, _, hist = train_teacher(cfg, device, processor, val_data=val,
-                                   train_data=encode_scenes(pool, processor, device))
+                                   train_data=encode_scenes(pool, processor, device), model=model)
     result = {"name": name, "recipe": spec, "device": device_name(device), "parameters": hist["parameters"],
               "steps": hist["steps_done"], "train_time_s": hist["train_time_s"], "data_gen_s": gen_s,
               "pool": {"questions": len(pool), "images": int(pool.images.shape[0])},
               "loss_curve": list(zip(hist["step"], hist["loss"]))[:: max(1, len(hist["step"]) // 40)],
-              "val_curve": hist["val"]}
+              "val_curve": hist["val"], "dense_pretrain": dense}
     path = out_dir / f"{name}.json"
     save = lambda: path.write_text(json.dumps({**result, "wall_s": time.time() - t0}, indent=2))  # noqa: E731
     save()

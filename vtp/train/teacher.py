@@ -21,7 +21,7 @@ from .. import distributed
 from ..data import VQAProcessor, build_processor, encode_split, iterate_image_batches, load_split
 from ..evaluate import accuracy, autocast
 from ..runtime import default_device, device_name, progress
-from ..vlm import PrunedVLM, build_llava, count_parameters, vlm_config
+from ..vlm import PrunedVLM, build_llava, count_parameters, num_visual_tokens, vlm_config
 from .config import TrainConfig, teacher_config
 from .schedule import lr_factor, set_lr
 from .steps import answer_loss, step
@@ -38,8 +38,9 @@ def _optimizer(model, cfg: TrainConfig):
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), fused=fused or None)
 
 
-def _setup(cfg: TrainConfig, device, processor, val_data, train_data):
-    """Device, processor, a fresh model, the training data and (rank 0, ``eval_every`` > 0) validation data."""
+def _setup(cfg: TrainConfig, device, processor, val_data, train_data, model=None):
+    """Device, processor, the model (``model``, or a fresh one), the training data and (rank 0, ``eval_every`` > 0)
+    validation data."""
     if train_data is not None and (processor is None or (cfg.eval_every and val_data is None)):
         raise ValueError("train_data needs the processor that encoded it (and val_data when eval_every > 0)")
     device = torch.device(device) if device is not None else default_device()
@@ -51,8 +52,12 @@ def _setup(cfg: TrainConfig, device, processor, val_data, train_data):
         processor = build_processor(n_tokens, mcfg.image_size)
     elif processor.num_image_tokens != n_tokens:
         raise ValueError(f"processor.num_image_tokens must be {n_tokens} for this model, got {processor.num_image_tokens}")
-    model = build_llava(mcfg, vocab_size=processor.vocab_size, image_token_id=processor.image_token_id,
-                        pad_token_id=processor.pad_token_id, seed=cfg.seed).to(device)
+    if model is None:
+        model = build_llava(mcfg, vocab_size=processor.vocab_size, image_token_id=processor.image_token_id,
+                            pad_token_id=processor.pad_token_id, seed=cfg.seed)
+    elif num_visual_tokens(model) != n_tokens:
+        raise ValueError(f"model gives {num_visual_tokens(model)} visual tokens, cfg.model {n_tokens}")
+    model = model.to(device)
     if train_data is None:
         train = load_split("train")
         if cfg.train_questions is not None and cfg.train_questions < len(train):
@@ -79,19 +84,21 @@ def _batch_loss(net, device, cfg: TrainConfig):
 
 
 def train_teacher(cfg: TrainConfig | str | None = None, device=None, processor: VQAProcessor | None = None,
-                  val_data=None, train_data=None):
+                  val_data=None, train_data=None, model=None):
     """Train the unpruned teacher. Returns ``(llava, processor, history)``; ``history`` holds per-step ``lr``,
     ``loss`` every ``log_every`` steps (at ``step``), periodic ``val`` accuracies ``[(step, acc)]``,
     ``train_time_s``, ``device``, config. ``train_data`` (an :class:`vtp.data.EncodedSplit`, e.g.
     :func:`vtp.scenes.encode_scenes`) replaces easy-VQA's training questions; it needs the ``processor`` that
-    encoded it, and ``val_data`` when ``eval_every`` > 0. Under ``torchrun`` (:mod:`vtp.distributed`):
+    encoded it, and ``val_data`` when ``eval_every`` > 0. ``model`` starts training from a given
+    ``LlavaForConditionalGeneration`` (e.g. one whose vision tower was pretrained on dense patch labels,
+    :func:`vtp.scenes.pretrain_vision`) instead of a fresh one of ``cfg.model``. Under ``torchrun`` (:mod:`vtp.distributed`):
     ``DistributedDataParallel``, the global batch split over the ranks with each image's questions on one rank,
     the logged loss averaged over the ranks, validation on rank 0 (sent to all), and rank 0's clock deciding
     when a time budget ends."""
     cfg = teacher_config(cfg) if cfg is None or isinstance(cfg, str) else cfg
     distributed.setup()  # under torchrun: one process per device, each on its slice of the global batch
     distributed.check_batch(cfg.batch_size, group=cfg.questions_per_image)
-    device, processor, model, data, val_data = _setup(cfg, device, processor, val_data, train_data)
+    device, processor, model, data, val_data = _setup(cfg, device, processor, val_data, train_data, model)
     opt = _optimizer(model, cfg)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     history = {"step": [], "loss": [], "lr": [], "val": [], "device": device_name(device),

@@ -1,0 +1,82 @@
+"""Dense patch labels of the scenes (vtp.scene_pretrain) and the vision-tower pretraining that reads them."""
+import dataclasses
+
+import pytest
+import torch
+
+from vtp.scene_pretrain import LABELS, patch_labels, pretrain_vision
+from vtp.scenes import SceneConfig, SceneObject, generate_split, render_scene, scene_processor
+from vtp.vlm import build_llava
+
+CFG = SceneConfig()
+
+
+class _Split:  # the two fields patch_labels reads
+    def __init__(self, objects, cfg=CFG):
+        self.objects, self.cfg = objects, cfg
+
+
+def test_one_object_labels_its_patches_and_its_centre():
+    obj = SceneObject("large", "blue", "square", x=100.0, y=52.0)  # centre in patch (6, 12) of 8 px
+    lab = patch_labels(_Split([[obj]]))[0]
+    _, covered = render_scene([obj], CFG)
+    owned = lab[:, 0] > 0
+    assert owned.any() and bool((owned <= covered[0]).all())  # labels only where the object has pixels
+    expect = (CFG.colors.index("blue") + 1, CFG.shapes.index("square") + 1, [n for n, _ in CFG.sizes].index("large") + 1)
+    assert all(tuple(row[:3].tolist()) == expect for row in lab[owned])
+    assert lab[~owned, :3].abs().sum() == 0  # background: class 0
+    assert lab[:, 3].nonzero().flatten().tolist() == [6 * CFG.grid + 12]
+
+
+def test_every_object_has_one_centre_patch():
+    split = generate_split("train", 120, CFG, seed=(5, 0))
+    lab = patch_labels(split)
+    assert lab.shape == (len(split.objects), CFG.num_tokens, len(LABELS))
+    assert lab[..., 3].sum(1).tolist() == [len(objs) for objs in split.objects]
+    assert bool((lab[..., 3].bool() <= (lab[..., 0] > 0)).all())  # a centre patch belongs to an object
+
+
+def test_pretraining_learns_the_labels_of_small_scenes():
+    cfg = SceneConfig(image_size=32, patch_size=8, sizes=(("small", 3), ("large", 5)), min_objects=1, max_objects=2,
+                      max_count=1, jitter=2)
+    split = generate_split("train", 200, cfg, seed=(1, 0), questions_per_image=1)
+    proc = scene_processor(cfg)
+    torch.manual_seed(0)
+    model = build_llava("smoke", vocab_size=proc.vocab_size, image_token_id=proc.image_token_id,
+                        pad_token_id=proc.pad_token_id, image_size=32, patch_size=8)
+    hist = pretrain_vision(model, split.images, patch_labels(split), proc, cfg, steps=150, batch_size=32, lr=3e-3,
+                           log_every=149)
+    assert hist["steps_done"] == 150 and hist["loss"][-1] < 0.5 * hist["loss"][0]
+    assert hist["acc"][-1]["color"] > 0.6  # colours on object patches: chance is 1/7
+
+
+def test_labels_must_match_the_images():
+    proc = scene_processor(CFG)
+    model = build_llava("smoke", vocab_size=proc.vocab_size, image_token_id=proc.image_token_id,
+                        pad_token_id=proc.pad_token_id, image_size=192, patch_size=8)
+    with pytest.raises(ValueError, match="labels must be"):
+        pretrain_vision(model, torch.zeros(2, 3, 192, 192, dtype=torch.uint8), torch.zeros(3, 576, 4).long(), proc, CFG)
+
+
+def test_train_teacher_continues_from_a_given_model():
+    from vtp.train import TrainConfig, train_teacher
+    from vtp.scenes import encode_scenes
+
+    cfg = SceneConfig(image_size=32, patch_size=8, sizes=(("small", 3), ("large", 5)), min_objects=1, max_objects=2,
+                      max_count=1, jitter=2)
+    proc = scene_processor(cfg)
+    split = generate_split("train", 60, cfg, seed=(2, 0), questions_per_image=2)
+    model = build_llava("smoke", vocab_size=proc.vocab_size, image_token_id=proc.image_token_id,
+                        pad_token_id=proc.pad_token_id, image_size=32, patch_size=8)
+    weight = lambda: next(model.model.vision_tower.parameters()).detach().clone()  # noqa: E731
+    before = weight()
+    tc = TrainConfig(model="smoke", model_overrides={"image_size": 32, "patch_size": 8}, steps=2, batch_size=4,
+                     questions_per_image=2, eval_every=0, augment={}, train_questions=None, warmup_steps=1)
+    out, _, _ = train_teacher(tc, "cpu", proc, train_data=encode_scenes(split, proc), model=model)
+    assert out is model  # trained in place, from its own weights
+    assert not torch.equal(before, weight())
+    wrong = build_llava("smoke", vocab_size=proc.vocab_size, image_token_id=proc.image_token_id,
+                        pad_token_id=proc.pad_token_id, image_size=32, patch_size=8)  # 16 visual tokens, not 64
+    with pytest.raises(ValueError, match="visual tokens"):
+        train_teacher(dataclasses.replace(tc, model_overrides={"image_size": 64, "patch_size": 8}), "cpu",
+                      scene_processor(dataclasses.replace(cfg, image_size=64)), train_data=None, model=wrong)
