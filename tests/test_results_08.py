@@ -93,3 +93,13 @@ def test_lesson_opens_with_the_full_runs_answer(res):
     cell = json.loads(NOTEBOOK.read_text())["cells"][1]
     assert cell["cell_type"] == "markdown" and "".join(cell["source"]).rstrip().endswith(res["answer"])
     assert res["device"] in "".join(cell["source"])
+
+
+def test_lesson_07_appendix_on_the_input_layernorm_matches(res):
+    """Lesson 07's appendix: the input LayerNorm 'changes nothing measurable' when removed from the recommended
+    recipe, and 'costs accuracy' when added on the ladder: both read from this run."""
+    text = "".join(json.loads((ROOT / "notebooks" / "07_train_pruner.ipynb").read_text())["cells"][47]["source"])
+    assert "changes nothing measurable" in text and "costs accuracy" in text
+    loo, rung = res["variants"]["recommended - input LayerNorm"], res["variants"]["+ input LayerNorm"]
+    assert not loo["real"]
+    assert rung["real"] and rung["diff_vs_reference"] < 0
