@@ -20,10 +20,16 @@ def test_teacher_rows():
            f"{_pct(shipped['test_accuracy'])} |" in README
 
 
-def test_previous_lesson_07_row():
-    r07 = json.loads((ROOT / "results" / "07_train_pruner.json").read_text())
-    if "rows" in r07:  # the rewritten lesson's file: tests/test_results_07.py checks its README rows
-        return
-    worst = " / ".join(_pct(r07["results"][k]["retention_worst"]) for k in ("0.2500", "0.1094", "0.0625"))
-    assert f"previous lesson 07 ({r07['device'].split(' 80GB')[0]}" in README
-    assert f"retention at keep 0.25 / 7 of 64 / 4 of 64 | {worst} |" in README
+def _generate_row(r) -> str:
+    row = next(x for x in r["rows"] if x["pruned"] and x["batch"] == 8 and x["visual_kept"] == 64)
+    goal = r["goals"][0]
+    return (f"| time to first token through `generate()`, LLaVA-1.5-7B shape with its CLIP-L/336 tower, random weights "
+            f"({r['device']}, `python -m vtp.generate_bench --full`), batch 8, 64 of 576 visual tokens: speedup "
+            f"(fraction of the pipeline's FLOPs bound {row['pipeline_bound']:.2f}x) | {row['ttft_speedup']:.2f}x "
+            f"({goal['measured']:.2f}: {'met' if goal['met'] else 'not met'}) | {goal['target']} of the bound |")
+
+
+def test_generate_speed_row():
+    r = json.loads((ROOT / "results" / "09_generate_speed.json").read_text())
+    assert r["mode"] == "full" and r["device"] != "cpu"
+    assert _generate_row(r) in README, "README row to paste:\n" + _generate_row(r)
