@@ -8,7 +8,7 @@ from .vlm import PrunedVLM, build_llava
 from .patch import patch, unpatch
 from .evaluate import accuracy
 from .train import (PrunerConfig, TrainConfig, load_or_train_teacher, pruner_config, pruner_recipe, train_pruner,
-                    train_teacher)
+                    train_patched, train_teacher)
 from .diagnose import diagnose
 from .pretrained import load_pretrained_teacher
 from .sweep import run_jobs, train_and_test
@@ -44,6 +44,7 @@ __all__ = [
     "pruner_config",  # the pruner recipe for a mode, with overrides
     "pruner_recipe",  # lesson 07's recipe for one keep ratio (phase 1 + adaptation to top-k)
     "train_pruner",  # train a Gumbel pruner + student against a frozen teacher
+    "train_patched",  # train a pruner for any family vtp.patch supports, through the patched model
     "diagnose",  # flag the symptoms of the usual pruning mistakes in a training history
     "load_pretrained_teacher",  # the shipped GPU-trained easy-VQA teacher, checksum verified
     "run_jobs",  # run independent jobs concurrently, one process each on a GPU machine

@@ -6,6 +6,7 @@
 * :mod:`~vtp.train.batches`: training data: any iterable of batches, and the easy-VQA / scenes adapters;
 * :mod:`~vtp.train.teacher`: :func:`train_teacher`;
 * :mod:`~vtp.train.pruner`: :func:`train_pruner` (phase 1 with Gumbel masks, phase 2 on the deployment rule);
+* :mod:`~vtp.train.patched`: :func:`train_patched`, a pruner for any family :func:`vtp.patch` supports;
 * :mod:`~vtp.train.checkpoint`: saving and loading the teacher, resumable pruner runs.
 
 The ``vtp-train`` command lives in :mod:`vtp.cli`.
@@ -19,11 +20,13 @@ from .checkpoint import REPO_ROOT, load_or_train_teacher, load_teacher, save_tea
 from .teacher import train_teacher
 from .student import _student
 from .pruner import train_pruner
+from .patched import train_patched
 
 __all__ = ["TrainConfig", "TEACHER_PRESETS", "teacher_config", "PrunerConfig", "PRUNER_PRESETS", "pruner_config",
            "pruner_recipe", "ABLATION_FIELDS", "lr_factor", "set_lr", "step", "answer_loss", "REQUIRED_KEYS",
            "training_batches", "encoded_batches", "easy_vqa_batches", "scene_batches", "train_teacher",
-           "save_teacher", "load_teacher", "load_or_train_teacher", "teacher_dir", "REPO_ROOT", "train_pruner"]
+           "save_teacher", "load_teacher", "load_or_train_teacher", "teacher_dir", "REPO_ROOT", "train_pruner",
+           "train_patched"]
 
 
 def main(argv=None):
