@@ -26,6 +26,8 @@ answer is computed from and :math:`E = \bigcup_{o} P(o)` over them. Answers that
   least ``relation_margin`` px apart along the axis asked)
 * ``compare``: "are there more circles than red things?" (yes / no; the two counts differ)
 
+The questions are written by :mod:`vtp.scene_questions` (:func:`ask`, re-exported here).
+
 **Difficulty knobs** (:class:`SceneConfig`): ``min_objects`` / ``max_objects`` (more objects: more binding
 and counting), ``sizes`` (radii in px; smaller objects cover fewer patches, so random pruning loses them
 more often), ``colors`` / ``shapes`` (fewer values: fewer attribute combinations to bind), ``clutter``
@@ -46,6 +48,7 @@ import numpy as np
 import torch
 
 from .data import EncodedSplit, VQAProcessor, build_tokenizer, encode_questions
+from .scene_questions import COUNT_WORDS, RELATIONS, ask, family_answers
 
 __all__ = ["COLORS", "SHAPES", "SIZES", "FAMILIES", "COUNT_WORDS", "SceneConfig", "SceneObject", "SceneSplit",
            "render_scene", "ask", "family_answers", "generate_split", "scene_split", "train_stream",
@@ -56,12 +59,9 @@ COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (50, 90, 230), "
 SHAPES = ("circle", "square", "triangle")
 SIZES = {"small": 6, "large": 10}
 FAMILIES = ("exist", "count", "query_color", "query_shape", "relation", "compare")
-COUNT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
-RELATIONS = ("left of", "right of", "above", "below")
 BACKGROUND, CLUTTER = (128, 128, 128), (100, 100, 100)
 SPLIT_SEEDS = {"train": 0, "val": 1, "test": 2, "compositional": 3}
 SPLIT_SIZES = {"val": 1800, "test": 10080, "compositional": 1800}  # multiples of 6 families x lcm(answers)
-ATTRS = ("size", "color", "shape")
 
 
 @dataclass(frozen=True)
@@ -200,135 +200,6 @@ def _sample_objects(cfg: SceneConfig, rng, held_out: bool):
         objs.append(SceneObject(size, color, shape, off + (cell % C) * c + r + jx + cfg.gap / 2,
                                 off + (cell // C) * c + r + jy + cfg.gap / 2))
     return objs
-
-
-# ---- descriptions and questions -------------------------------------------------------------------------
-
-def _phrase(desc: dict, plural: bool = False) -> str:
-    """``{"size": "small", "color": "red"}`` -> "small red thing" (or "things")."""
-    noun = desc.get("shape", "thing") + ("s" if plural else "")
-    return " ".join([desc[a] for a in ("size", "color") if a in desc] + [noun])
-
-
-def _matches(objs, desc) -> list:
-    return [i for i, o in enumerate(objs) if all(getattr(o, a) == v for a, v in desc.items())]
-
-
-def _subsets(rng, keys=ATTRS):
-    """Non-empty attribute subsets of ``keys`` in random order."""
-    subs = [tuple(k for j, k in enumerate(keys) if m >> j & 1) for m in range(1, 2 ** len(keys))]
-    return [subs[i] for i in rng.permutation(len(subs))]
-
-
-def _unique_desc(objs, i, rng, keys=ATTRS):
-    """A description of object ``i`` (attributes from ``keys``) that matches it alone, or None."""
-    for sub in _subsets(rng, keys):
-        d = {a: getattr(objs[i], a) for a in sub}
-        if _matches(objs, d) == [i]:
-            return d
-    return None
-
-
-def _random_desc(cfg, rng):
-    sub = _subsets(rng)[0]
-    vals = {"size": [n for n, _ in cfg.sizes], "color": cfg.colors, "shape": cfg.shapes}
-    return {a: vals[a][int(rng.integers(len(vals[a])))] for a in sub}
-
-
-def _sub_desc(obj: SceneObject, rng) -> dict:
-    """A random non-empty part of ``obj``'s description (it matches ``obj``)."""
-    return {a: getattr(obj, a) for a in _subsets(rng)[0]}
-
-
-def _desc_with_count(objs, k, cfg, rng, tries=12):
-    """A description matching exactly ``k`` objects (``k`` = 0: none), or None."""
-    for _ in range(tries):
-        d = _random_desc(cfg, rng) if k == 0 else _sub_desc(objs[int(rng.integers(len(objs)))], rng)
-        if len(_matches(objs, d)) == k:
-            return d
-    return None
-
-
-def family_answers(family: str, cfg: SceneConfig, compositional: bool = False) -> tuple:
-    """The answers of ``family`` under ``cfg`` (balanced in every split). In the compositional split a query's
-    answer must be an attribute of a held-out pair (the queried object is the whole evidence)."""
-    if family in ("exist", "relation", "compare"):
-        return ("yes", "no")
-    if family == "count":
-        return COUNT_WORDS[: cfg.max_count + 1]
-    j = 0 if family == "query_color" else 1
-    values = cfg.colors if j == 0 else cfg.shapes
-    return tuple(v for v in values if not compositional or v in {p[j] for p in cfg.held_out})
-
-
-def _ask_count_like(family, objs, answer, cfg, rng):
-    everything = tuple(range(len(objs)))
-    if family == "exist":
-        if answer == "yes":  # a sub-description of a random object: at least one match
-            d = _sub_desc(objs[int(rng.integers(len(objs)))], rng)
-        else:
-            d = _desc_with_count(objs, 0, cfg, rng)
-        if d is None:
-            return None
-        hit = tuple(_matches(objs, d))
-        return f"is there a {_phrase(d)}?", answer, hit or everything
-    k = COUNT_WORDS.index(answer)
-    d = _desc_with_count(objs, k, cfg, rng)
-    if d is None:
-        return None
-    return f"how many {_phrase(d, True)} are there?", answer, tuple(_matches(objs, d)) or everything
-
-
-def _ask_query(family, objs, answer, cfg, rng):
-    attr = "color" if family == "query_color" else "shape"
-    cands = [i for i, o in enumerate(objs) if getattr(o, attr) == answer]
-    for i in (cands[j] for j in rng.permutation(len(cands))):
-        d = _unique_desc(objs, i, rng, tuple(a for a in ATTRS if a != attr))
-        if d is not None:
-            return f"what {attr} is the {_phrase(d)}?", answer, (i,)
-    return None
-
-
-def _relation_holds(a: SceneObject, b: SceneObject, rel: str, margin: float):
-    """True / False when the relation is clear (centres >= ``margin`` apart on its axis), else None."""
-    d = {"left of": b.x - a.x, "right of": a.x - b.x, "above": b.y - a.y, "below": a.y - b.y}[rel]
-    return None if abs(d) < margin else d > 0
-
-
-def _ask_relation(objs, answer, cfg, rng):
-    n = len(objs)
-    for _ in range(8):
-        i, j = (int(v) for v in rng.choice(n, 2, replace=False)) if n > 1 else (0, 0)
-        if i == j:
-            return None
-        rel = RELATIONS[int(rng.integers(4))]
-        holds = _relation_holds(objs[i], objs[j], rel, cfg.relation_margin)
-        if holds is None or holds != (answer == "yes"):
-            continue
-        di, dj = _unique_desc(objs, i, rng), _unique_desc(objs, j, rng)
-        if di is not None and dj is not None:
-            return f"is the {_phrase(di)} {rel} the {_phrase(dj)}?", answer, (i, j)
-    return None
-
-
-def _ask_compare(objs, answer, cfg, rng):
-    for _ in range(8):
-        d1, d2 = _random_desc(cfg, rng), _random_desc(cfg, rng)
-        m1, m2 = _matches(objs, d1), _matches(objs, d2)
-        if d1 == d2 or len(m1) == len(m2) or (len(m1) > len(m2)) != (answer == "yes"):
-            continue
-        return f"are there more {_phrase(d1, True)} than {_phrase(d2, True)}?", answer, tuple(sorted(set(m1 + m2)))
-    return None
-
-
-def ask(family: str, objs, answer: str, cfg: SceneConfig, rng):
-    """A question of ``family`` about ``objs`` whose answer is ``answer``: ``(question, answer, evidence object
-    ids)``, or None when this scene has no such question (the caller draws another scene)."""
-    if family in ("exist", "count"):
-        return _ask_count_like(family, objs, answer, cfg, rng)
-    if family in ("query_color", "query_shape"):
-        return _ask_query(family, objs, answer, cfg, rng)
-    return _ask_relation(objs, answer, cfg, rng) if family == "relation" else _ask_compare(objs, answer, cfg, rng)
 
 
 # ---- splits ---------------------------------------------------------------------------------------------
