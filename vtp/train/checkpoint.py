@@ -85,7 +85,8 @@ def load_or_train_teacher(mode: str | None = None, device=None, retrain: bool = 
     model, processor, history = train_teacher(teacher_config(mode), device)
     info = {k: history[k] for k in ("device", "train_time_s", "parameters", "config", "val")}
     # Save beside the target, then rename: a process that loads concurrently (notebooks run in parallel
-    # in the test suite) never sees a half-written checkpoint; if another process saved first, keep theirs.
+    # in the test suite) never sees a half-written checkpoint. If another process saved first, theirs is THE
+    # teacher of this mode: return it, so every process (and every job it starts) uses the same weights.
     target = teacher_dir(mode)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
@@ -95,6 +96,7 @@ def load_or_train_teacher(mode: str | None = None, device=None, retrain: bool = 
         tmp.rename(target)
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
+        return load_teacher(target, device)
     return model, processor, info
 
 
