@@ -50,6 +50,8 @@ CONFIGS = {
     # the vision tower first learns what lies under each patch (vtp.scene_pretrain), for dense_pretrain_s seconds
     "dense60": {"dense_pretrain_s": 60},
     "dense120": {"dense_pretrain_s": 120, "lr": 7e-4},
+    # the question before the image too: visual positions see what is asked (vtp.data.VQAProcessor)
+    "qfirst_dense60": {"dense_pretrain_s": 60, "question_first": True},
     "easy_scenes": {"scene": {"colors": ["red", "green", "blue", "yellow"], "sizes": [["small", 7], ["large", 11]],
                               "min_objects": 4, "max_objects": 7}},
 }
@@ -155,7 +157,7 @@ def worker(name: str, out_dir: Path, deadline: float, smoke: bool) -> None:
     spec = _recipe(name, smoke)
     scene = _scene_cfg(spec)
     pool = _training_pool(spec, scene, int(os.environ.get("OMP_NUM_THREADS", "1")))  # forks before CUDA starts
-    processor = scene_processor(scene)
+    processor = scene_processor(scene, question_first=spec.get("question_first", False))
     test = scene_split("test", scene, 120 if smoke else None)
     gen_s = time.time() - t0
     device = torch.device("cuda" if torch.cuda.is_available() and not smoke else "cpu")

@@ -80,3 +80,35 @@ def test_train_teacher_continues_from_a_given_model():
     with pytest.raises(ValueError, match="visual tokens"):
         train_teacher(dataclasses.replace(tc, model_overrides={"image_size": 64, "patch_size": 8}), "cpu",
                       scene_processor(dataclasses.replace(cfg, image_size=64)), train_data=None, model=wrong)
+
+
+def test_question_first_prompt_layout_and_round_trip(tmp_path):
+    cfg = SceneConfig(image_size=32, patch_size=8, sizes=(("small", 3), ("large", 5)), min_objects=1, max_objects=2,
+                      max_count=1, jitter=2)
+    plain, first = scene_processor(cfg), scene_processor(cfg, question_first=True)
+    q, a = ["is there a red circle ?"], ["yes"]
+    e0, e1 = plain.encode_text(q, a), first.encode_text(q, a)
+    q_ids = plain.tokenizer(q, add_special_tokens=False)["input_ids"][0]
+    n, img = cfg.num_tokens, plain.image_token_id
+    assert e0["input_ids"][0].tolist() == [img] * n + q_ids + [plain.tokenizer.convert_tokens_to_ids("yes")]
+    assert e1["input_ids"][0].tolist() == q_ids + [img] * n + q_ids + e0["input_ids"][0, -1:].tolist()
+    assert (e1["labels"] != -100).sum() == 1 and e1["labels"][0, -1] == e0["labels"][0, -1]  # the answer only
+    first.save_pretrained(tmp_path)
+    assert type(first).from_pretrained(tmp_path).question_first is True
+    with pytest.raises(TypeError, match="question_first must be a bool"):
+        scene_processor(cfg, question_first="yes")
+
+
+def test_a_question_first_model_trains_and_evaluates():
+    from vtp.scenes import encode_scenes, scene_accuracy
+    from vtp.train import TrainConfig, train_teacher
+
+    cfg = SceneConfig(image_size=32, patch_size=8, sizes=(("small", 3), ("large", 5)), min_objects=1, max_objects=2,
+                      max_count=1, jitter=2)
+    proc = scene_processor(cfg, question_first=True)
+    split = generate_split("train", 40, cfg, seed=(3, 0), questions_per_image=2)
+    tc = TrainConfig(model="smoke", model_overrides={"image_size": 32, "patch_size": 8}, steps=3, batch_size=4,
+                     questions_per_image=2, eval_every=0, augment={}, train_questions=None, warmup_steps=1)
+    model, _, hist = train_teacher(tc, "cpu", proc, train_data=encode_scenes(split, proc))
+    assert hist["steps_done"] == 3
+    assert 0 <= scene_accuracy(model, split, proc).accuracy <= 1

@@ -132,17 +132,23 @@ class VQAProcessor:
     """Image preprocessing + tokenizer for the small LLaVA, saved and loaded next to the model.
 
     ``pixel = (uint8 / 255 - mean) / std``; text = ``num_image_tokens`` image placeholders + question
-    (+ answer, the only labelled token(s)), right-padded.
+    (+ answer, the only labelled token(s)), right-padded. ``question_first=True`` writes the question before the
+    image too (question + image + question + answer): in a causal language model the visual positions then see
+    the question, so each visual token can be read in its light (which object is asked about) instead of only
+    the last positions doing all the binding. Default ``False`` (LLaVA's image-first prompt).
     """
 
     config_name = "vqa_processor.json"
 
     def __init__(self, tokenizer, num_image_tokens: int, image_size: int = 64, image_mean=IMAGE_MEAN,
-                 image_std=IMAGE_STD, image_token: str = IMAGE_TOKEN):
+                 image_std=IMAGE_STD, image_token: str = IMAGE_TOKEN, question_first: bool = False):
         if not isinstance(num_image_tokens, int) or num_image_tokens < 1:
             raise ValueError(f"num_image_tokens must be a positive int, got {num_image_tokens!r}")
         self.tokenizer, self.num_image_tokens, self.image_size = tokenizer, num_image_tokens, image_size
         self.image_mean, self.image_std, self.image_token = tuple(image_mean), tuple(image_std), image_token
+        if not isinstance(question_first, bool):
+            raise TypeError(f"question_first must be a bool, got {type(question_first).__name__}")
+        self.question_first = question_first
         self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
         self.pad_token_id = tokenizer.pad_token_id
         self._stats = {}
@@ -177,7 +183,7 @@ class VQAProcessor:
         q_ids = self.tokenizer(list(questions), add_special_tokens=False)["input_ids"]
         a_ids = self.tokenizer(answers, add_special_tokens=False)["input_ids"] if answers else [[]] * len(q_ids)
         prefix = [self.image_token_id] * self.num_image_tokens
-        seqs = [prefix + q + a for q, a in zip(q_ids, a_ids)]
+        seqs = [(q if self.question_first else []) + prefix + q + a for q, a in zip(q_ids, a_ids)]
         L = max(len(s) for s in seqs)
         input_ids = torch.full((len(seqs), L), self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((len(seqs), L), dtype=torch.long)
@@ -208,7 +214,8 @@ class VQAProcessor:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.tokenizer.save_pretrained(directory)
-        cfg = {k: getattr(self, k) for k in ("num_image_tokens", "image_size", "image_mean", "image_std", "image_token")}
+        cfg = {k: getattr(self, k) for k in ("num_image_tokens", "image_size", "image_mean", "image_std", "image_token",
+                                             "question_first")}
         (directory / self.config_name).write_text(json.dumps(cfg, indent=2))
 
     @classmethod

@@ -314,13 +314,14 @@ def train_stream(cfg: SceneConfig | None = None, seed: int = 0, chunk_questions:
 
 # ---- model inputs and evaluation ------------------------------------------------------------------------
 
-def scene_processor(cfg: SceneConfig | None = None) -> VQAProcessor:
+def scene_processor(cfg: SceneConfig | None = None, question_first: bool = False) -> VQAProcessor:
     """A :class:`vtp.data.VQAProcessor` for scenes: ``cfg.num_tokens`` image tokens, ``cfg.image_size`` px,
-    a word-level tokenizer over every word the question templates and answers can use."""
+    a word-level tokenizer over every word the question templates and answers can use; ``question_first``: the
+    question before and after the image (:class:`~vtp.data.VQAProcessor`)."""
     cfg = cfg or SceneConfig()
     words = ["is there a how many are what color shape the more than thing things ?", *RELATIONS, *COLORS,
              *SHAPES, *(s + "s" for s in SHAPES), *SIZES, *COUNT_WORDS, "yes no"]
-    return VQAProcessor(build_tokenizer(words), cfg.num_tokens, cfg.image_size)
+    return VQAProcessor(build_tokenizer(words), cfg.num_tokens, cfg.image_size, question_first=question_first)
 
 
 def _check_processor(processor: VQAProcessor, cfg: SceneConfig) -> None:
