@@ -178,3 +178,25 @@ def test_full_without_a_gpu_is_an_argparse_error(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--full"])
     assert e.value.code == 2 and "--full" in capsys.readouterr().err
+
+
+def test_ttft_figure_plots_the_pruned_rows_against_their_bound():
+    import json
+    from pathlib import Path
+
+    import matplotlib
+    matplotlib.use("agg")
+    import matplotlib.pyplot as plt
+
+    from vtp.viz import ttft_vs_bound
+
+    res = json.loads((Path(__file__).resolve().parent.parent / "results" / "09_generate_speed.json").read_text())
+    fig, ax = plt.subplots()
+    ttft_vs_bound(ax, res, 8)
+    bound, measured = ax.lines[0].get_ydata(), ax.lines[1].get_ydata()
+    rows = sorted((r for r in res["rows"] if r["pruned"] and r["batch"] == 8), key=lambda r: r["visual_kept"])
+    assert list(measured) == [r["ttft_speedup"] for r in rows] and list(bound) == [r["pipeline_bound"] for r in rows]
+    assert len(ax.texts) == len(rows)  # each point labelled with its fraction of the bound
+    with pytest.raises(ValueError, match="no pruned rows at batch 3"):
+        ttft_vs_bound(ax, res, 3)
+    plt.close(fig)

@@ -72,3 +72,23 @@ def format_table(rows, columns=None, floatfmt: str = "{:.3f}") -> str:
              for line in table]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def ttft_vs_bound(ax, res: dict, batch: int):
+    """Time-to-first-token speedup of :func:`vtp.generate_bench.run_generate_bench`'s pruned rows at ``batch``
+    against the pipeline's FLOPs bound, by visual tokens kept (the unpatched model at 1x)."""
+    rows = sorted((r for r in res["rows"] if r["pruned"] and r["batch"] == batch), key=lambda r: r["visual_kept"])
+    if not rows:
+        raise ValueError(f"res has no pruned rows at batch {batch}")
+    kept = [r["visual_kept"] for r in rows]
+    ax.plot(kept, [r["pipeline_bound"] for r in rows], "k--", label="FLOPs bound (vision tower + pruner + prefill)")
+    ax.plot(kept, [r["ttft_speedup"] for r in rows], "o-", label="measured TTFT speedup")
+    for r in rows:
+        ax.annotate(f"{r['fraction_of_bound']:.2f}", (r["visual_kept"], r["ttft_speedup"]), textcoords="offset points",
+                    xytext=(4, -12), fontsize=8)
+    ax.set_xlabel(f"visual tokens kept of {res['n_visual']}")
+    ax.set_ylabel("speedup over the unpatched model")
+    ax.set_title(f"time to first token, batch {batch} ({res['device']})")
+    ax.legend(fontsize=8)
+    return ax
+
