@@ -215,13 +215,11 @@ def _train_alone(teacher, processor, cfg, ratio: float, phase1, val, test):
 def load_student(teacher, config: dict, path):
     """The :class:`vtp.PrunedVLM` that :func:`train_and_evaluate` saved to ``path``, rebuilt around a copy of
     ``teacher`` from its recipe ``config`` (a ``PrunerConfig`` as a dict), in eval mode."""
-    from .train import PrunerConfig, _student
+    from .train.student import student_from_recipe
 
-    cfg = PrunerConfig(**{**config, "adapt_ratios": tuple(config.get("adapt_ratios", ()))})
-    device = next(teacher.parameters()).device
-    student = _student(teacher, cfg)
-    student.load_state_dict(torch.load(path, map_location=device, weights_only=True))
-    return student.to(device).eval()
+    student = student_from_recipe(teacher, config)
+    student.load_state_dict(torch.load(path, map_location=next(teacher.parameters()).device, weights_only=True))
+    return student.eval()
 
 
 def evaluate_training_free(mode: str | None = None, ratios=(0.25,), test_questions: int | None = None,

@@ -98,16 +98,13 @@ def load_pretrained_student(device=None, name: str = "student_easyvqa"):
     entry (``test_accuracy`` per keep ratio, ``teacher_sha256``, ``command``, ...)."""
     from safetensors.torch import load_model
 
-    from .train import PrunerConfig
-    from .train.student import _student
+    from .train.student import student_from_recipe
 
     entry = verify_pretrained(name)
     teacher, processor, info = load_pretrained_teacher(device)
     if entry.get("teacher_sha256", info["sha256"]) != info["sha256"]:
         raise ValueError(f"{name} was trained from teacher {entry['teacher_sha256'][:12]}, the shipped teacher is "
                          f"{info['sha256'][:12]}")
-    recipe = json.loads((pretrained_path(name) / "recipe.json").read_text())
-    cfg = PrunerConfig(**{**recipe, "adapt_ratios": tuple(recipe.get("adapt_ratios", ()))})
-    student = _student(teacher, cfg)
+    student = student_from_recipe(teacher, json.loads((pretrained_path(name) / "recipe.json").read_text()))
     load_model(student, str(PRETRAINED_DIR / entry["file"]), strict=True, device=str(next(teacher.parameters()).device))
     return student.float().eval(), processor, entry

@@ -9,7 +9,7 @@ from ..pruner import GumbelVisionPruner
 from ..vlm import PrunedVLM
 from .config import PrunerConfig
 
-__all__ = ["_student", "_continue", "_vision_parameters"]
+__all__ = ["_student", "_continue", "_vision_parameters", "student_from_recipe"]
 
 
 def _vision_parameters(llava):
@@ -45,3 +45,11 @@ def _continue(student: PrunedVLM, cfg: PrunerConfig) -> PrunedVLM:
     vlm.pruner.ratio = cfg.target_ratio
     _set_trainable(vlm.llava, cfg)
     return vlm
+
+
+def student_from_recipe(teacher, recipe: dict):
+    """The untrained student of the recipe ``recipe`` (a :class:`PrunerConfig` as a dict, e.g. read from JSON):
+    a copy of ``teacher`` with its pruner, on the teacher's device, ready for a saved state to be loaded."""
+    cfg = PrunerConfig(**{**recipe, "adapt_ratios": tuple(recipe.get("adapt_ratios", ()))})
+    return _student(teacher, cfg).to(next(teacher.parameters()).device)
+
