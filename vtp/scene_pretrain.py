@@ -19,8 +19,8 @@ owns (a few % of them: they get a mean of their own),
 """
 from __future__ import annotations
 
-import math
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -28,6 +28,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from .scenes import SceneConfig, _object_mask
+from .train.schedule import lr_factor, set_lr
+from .train.steps import step
 
 __all__ = ["LABELS", "patch_labels", "pretrain_vision"]
 
@@ -69,8 +71,9 @@ def pretrain_vision(llava, images: torch.Tensor, labels: torch.Tensor, processor
                     steps: int = 1000, time_budget_s: float | None = None, batch_size: int = 64, lr: float = 1e-3,
                     warmup_steps: int = 50, seed: int = 0, log_every: int = 50) -> dict:
     """Train ``llava.vision_tower`` (in place) to predict ``labels`` [I, N, 4] of ``images`` uint8 [I, 3, S, S]
-    with linear heads (dropped afterwards): AdamW, linear warm-up then cosine over ``steps`` or
-    ``time_budget_s``, whichever ends first, bf16 autocast on CUDA. Returns the history: ``step``, ``loss`` and
+    with linear heads (dropped afterwards): AdamW, the shared schedule (:func:`vtp.train.schedule.lr_factor`:
+    warm-up, then cosine to 0) over ``steps`` or ``time_budget_s``, whichever ends first, the shared
+    :func:`vtp.train.steps.step`, bf16 autocast on CUDA. Returns the history: ``step``, ``loss`` and
     per-label accuracy on object patches (``acc``) every ``log_every`` steps, ``steps_done``, ``train_time_s``."""
     if images.shape[0] != labels.shape[0] or labels.shape[-1] != len(LABELS):
         raise ValueError(f"labels must be [I, N, {len(LABELS)}] for I = {images.shape[0]} images, got "
@@ -83,6 +86,18 @@ def pretrain_vision(llava, images: torch.Tensor, labels: torch.Tensor, processor
     gen = torch.Generator().manual_seed(seed)
     labels = labels.to(device)
     hist = {"step": [], "loss": [], "acc": []}
+    schedule = SimpleNamespace(warmup_steps=warmup_steps, min_lr_ratio=0.0)  # warm-up, then cosine to 0
+
+    def compute_loss(idx):
+        y = labels[idx.to(device)]
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            h = tower(pixel_values=processor.preprocess_images(images[idx], device)).last_hidden_state[:, 1:]  # no [CLS]
+            logits = {k: head(h).float() for k, head in heads.items()}
+        on_obj = y[..., 0] > 0  # objects cover a few % of the patches: their patches get a term of their own
+        loss = sum(F.cross_entropy(logits[k].flatten(0, 1), y[..., i].flatten())
+                   + F.cross_entropy(logits[k][on_obj], y[..., i][on_obj]) for i, k in enumerate(LABELS))
+        return loss, (logits, y, on_obj)
+
     tower.train()
     start = time.perf_counter()
     t = 0
@@ -90,22 +105,9 @@ def pretrain_vision(llava, images: torch.Tensor, labels: torch.Tensor, processor
         frac = max(t / steps, (time.perf_counter() - start) / time_budget_s if time_budget_s else 0.0)
         if frac >= 1:
             break
-        scale = min(1.0, (t + 1) / warmup_steps) * 0.5 * (1 + math.cos(math.pi * frac))
-        for g in opt.param_groups:
-            g["lr"] = lr * scale
-        idx = torch.randint(images.shape[0], (batch_size,), generator=gen)
-        pixels = processor.preprocess_images(images[idx], device)
-        y = labels[idx.to(device)]
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            h = tower(pixel_values=pixels).last_hidden_state[:, 1:]  # drop [CLS]: the N patch tokens
-            logits = {k: head(h).float() for k, head in heads.items()}
-        on_obj = y[..., 0] > 0  # objects cover a few % of the patches: their patches get a term of their own
-        loss = sum(F.cross_entropy(logits[k].flatten(0, 1), y[..., i].flatten())
-                   + F.cross_entropy(logits[k][on_obj], y[..., i][on_obj]) for i, k in enumerate(LABELS))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        set_lr(opt, [lr], lr_factor(schedule, t, frac))
+        loss, (logits, y, on_obj) = step(opt, compute_loss, torch.randint(images.shape[0], (batch_size,), generator=gen),
+                                         1.0, params)
         if t % log_every == 0:
             hist["step"].append(t)
             hist["loss"].append(loss.item())
