@@ -38,3 +38,18 @@ def test_shipped_teacher_answers_the_test_subset():
     test = encode_split(load_split("test").subset(SUBSET, seed=0), processor, torch.device("cpu"))
     res = accuracy(model, test, processor, bf16=False)
     assert res.accuracy >= THRESHOLD, res
+
+
+def test_shipped_student_matches_its_full_run_at_4_of_64():
+    """The shipped student (lesson 07's seed-0 model, rebuilt from its recipe around the shipped teacher) on a
+    fixed subset, at 4 of 64 tokens: within 4 standard errors of the manifest's full-split accuracy."""
+    from vtp.pretrained import load_pretrained_student
+
+    entry = verify_pretrained("student_easyvqa")
+    assert entry["teacher_sha256"] == manifest()["teacher_easyvqa"]["sha256"]
+    student, processor, _ = load_pretrained_student(torch.device("cpu"))
+    test = encode_split(load_split("test").subset(SUBSET, seed=1), processor, torch.device("cpu"))
+    acc = accuracy(student, test, processor, ratio=4 / 64)
+    ref = entry["test_accuracy"]["0.0625"]
+    assert acc.keep_ratio == pytest.approx(4 / 64)
+    assert acc.accuracy >= ref - 4 * (max(ref * (1 - ref), 1 / SUBSET) / SUBSET) ** 0.5
