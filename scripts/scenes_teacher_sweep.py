@@ -52,6 +52,12 @@ CONFIGS = {
     "dense120": {"dense_pretrain_s": 120, "lr": 7e-4},
     # the question before the image too: visual positions see what is asked (vtp.data.VQAProcessor)
     "qfirst_dense60": {"dense_pretrain_s": 60, "question_first": True},
+    # compiled, longer dense pre-training, the question on both sides of the image; full scenes and a five-family
+    # variant without two-count comparisons (fewer objects, counts to three)
+    "qfirst_dense90": {"dense_pretrain_s": 90, "question_first": True, "compile": True},
+    "qfirst_dense90_5fam": {"dense_pretrain_s": 90, "question_first": True, "compile": True,
+                            "scene": {"families": ["exist", "count", "query_color", "query_shape", "relation"],
+                                      "min_objects": 3, "max_objects": 7, "max_count": 3}},
     "easy_scenes": {"scene": {"colors": ["red", "green", "blue", "yellow"], "sizes": [["small", 7], ["large", 11]],
                               "min_objects": 4, "max_objects": 7}},
 }
@@ -188,10 +194,23 @@ def worker(name: str, out_dir: Path, deadline: float, smoke: bool) -> None:
               "pool": {"questions": len(pool), "images": int(pool.images.shape[0])},
               "loss_curve": list(zip(hist["step"], hist["loss"]))[:: max(1, len(hist["step"]) // 40)],
               "val_curve": hist["val"], "dense_pretrain": dense}
+    _save_teacher(model, processor, out_dir / f"{name}_teacher.tar", {"recipe": spec, "steps": hist["steps_done"]})
     path = out_dir / f"{name}.json"
     save = lambda: path.write_text(json.dumps({**result, "wall_s": time.time() - t0}, indent=2))  # noqa: E731
     save()
     _evaluate(model, processor, test, device, result, save)
+
+
+def _save_teacher(model, processor, tar_path: Path, info: dict) -> None:
+    """The trained teacher (:func:`vtp.train.save_teacher`, bf16) as one tar file, to ship if it is the best."""
+    import tarfile
+
+    from vtp.train import save_teacher
+
+    with tempfile.TemporaryDirectory() as tmp:
+        save_teacher(model, processor, Path(tmp) / "teacher", info)
+        with tarfile.open(tar_path, "w") as tar:
+            tar.add(Path(tmp) / "teacher", arcname="teacher")
 
 
 def _summary(names, out_dir: Path, logs: dict, wall: float) -> dict:
