@@ -55,6 +55,9 @@ CONFIGS = {
     # compiled, longer dense pre-training, the question on both sides of the image; full scenes and a five-family
     # variant without two-count comparisons (fewer objects, counts to three)
     "qfirst_dense90": {"dense_pretrain_s": 90, "question_first": True, "compile": True},
+    "qfirst_dense60_5fam": {"dense_pretrain_s": 60, "question_first": True, "compile": True,
+                            "scene": {"families": ["exist", "count", "query_color", "query_shape", "relation"],
+                                      "min_objects": 3, "max_objects": 7, "max_count": 3}},
     "qfirst_dense90_5fam": {"dense_pretrain_s": 90, "question_first": True, "compile": True,
                             "scene": {"families": ["exist", "count", "query_color", "query_shape", "relation"],
                                       "min_objects": 3, "max_objects": 7, "max_count": 3}},
@@ -88,7 +91,11 @@ def _scene_cfg(spec: dict):
 
 
 def _shard(scene, n: int, k: int, per_image: int):
+    import torch
+
     from vtp.scenes import generate_split
+
+    torch.set_num_threads(1)  # one thread per forked process: inherited thread pools oversubscribe the cores
 
     return generate_split("train", n, scene, seed=(0, k), questions_per_image=per_image)
 
@@ -163,9 +170,11 @@ def worker(name: str, out_dir: Path, deadline: float, smoke: bool) -> None:
     spec = _recipe(name, smoke)
     scene = _scene_cfg(spec)
     pool = _training_pool(spec, scene, int(os.environ.get("OMP_NUM_THREADS", "1")))  # forks before CUDA starts
+    print(f"{name}: training pool of {len(pool)} questions in {time.time() - t0:.0f} s", flush=True)
     processor = scene_processor(scene, question_first=spec.get("question_first", False))
     test = scene_split("test", scene, 120 if smoke else None)
     gen_s = time.time() - t0
+    print(f"{name}: data generated in {gen_s:.0f} s", flush=True)
     device = torch.device("cuda" if torch.cuda.is_available() and not smoke else "cpu")
     model, dense = None, None
     if spec.get("dense_pretrain_s"):  # stage 0: dense patch labels (colour, shape, size, centre) for the tower
@@ -178,6 +187,7 @@ def worker(name: str, out_dir: Path, deadline: float, smoke: bool) -> None:
         hist0 = pretrain_vision(model, pool.images, patch_labels(pool), processor, scene, steps=1_000_000,
                                 time_budget_s=spec["dense_pretrain_s"], batch_size=spec["batch_size"] // 2)
         dense = {k: hist0[k] for k in ("steps_done", "train_time_s", "loss", "acc")}
+        print(f"{name}: dense pre-training {dense['steps_done']} steps, {time.time() - t0:.0f} s in", flush=True)
     budget = deadline - EVAL_RESERVE_S["smoke" if smoke else "full"] - time.time()
     if budget < 5:
         raise RuntimeError(f"{name}: only {budget:.0f} s left for training after data generation")
@@ -263,7 +273,7 @@ def main(argv=None) -> None:
         p.error(f"--budget-s too small: {budget}")
     t0 = time.time()
     deadline = t0 + budget - 10  # workers finish by here; the driver then writes the summary
-    logs = {n: Path(tempfile.mkdtemp(prefix="scenes_sweep_")) / f"{n}.log" for n in names}
+    logs = {n: out / f"{n}.log" for n in names}
     threads = max(1, (os.cpu_count() or 2) // len(names))
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "VTP_PROGRESS": "0", "PYTHONUNBUFFERED": "1",
            "TOKENIZERS_PARALLELISM": "false"}
