@@ -72,18 +72,21 @@ def _call(fn, job: dict, name: str):
 
 
 def train_and_test(config: dict, mode: str | None = None, eval_ratios=(), threshold: bool = False,
-                   test_questions: int | None = None, save_to: str | None = None, name: str = "") -> dict:
+                   test_questions: int | None = None, save_to: str | None = None, name: str = "",
+                   phase1_test: bool = False) -> dict:
     """Train one pruner and test it: the usual job of :func:`run_jobs`.
 
     Loads the teacher of ``mode`` (:func:`vtp.load_or_train_teacher`: in full mode the shipped one), builds
     ``pruner_config(mode, **config)`` (pass a whole recipe as ``dataclasses.asdict(pruner_recipe(...))``),
     runs :func:`vtp.train_pruner`, and evaluates the student on the test split (a fixed subset of ``test_questions``
     questions if given) with the dropped tokens removed: top-k at each ratio of ``eval_ratios`` and, if
-    ``threshold``, the keep-probability > 0.5 rule. Saves the student's ``state_dict`` to ``save_to`` if given.
+    ``threshold``, the keep-probability > 0.5 rule. ``phase1_test`` (a recipe with phase 2) tests the student the
+    same way at the end of phase 1 too, in the state a phase-1-only run of the recipe ends in (``train_pruner``'s
+    ``phase1_end``), at no training cost. Saves the student's ``state_dict`` to ``save_to`` if given.
 
     Returns ``{"name", "seed", "config", "accuracy": {f"{r:.4f}": acc}, "per_type": {f"{r:.4f}": {...}},
-    "threshold": {"accuracy", "keep_ratio", "per_type"} or None, "final_keep_ratio", "train_time_s",
-    "history", "teacher_sha256", "device"}``.
+    "threshold": {"accuracy", "keep_ratio", "per_type"} or None, "phase1": {"accuracy", "per_type", "threshold"}
+    or None, "final_keep_ratio", "train_time_s", "history", "teacher_sha256", "device"}``.
     """
     from .evaluate import accuracy, accuracy_at_ratios, encoded_test_split
     from .train import load_or_train_teacher, pruner_config, train_pruner
@@ -91,18 +94,26 @@ def train_and_test(config: dict, mode: str | None = None, eval_ratios=(), thresh
     mode = mode or run_mode()
     cfg = pruner_config(mode, **config)
     teacher, processor, info = load_or_train_teacher(mode)
-    student, history = train_pruner(teacher, processor, cfg)
-    device = next(student.parameters()).device
-    test = encoded_test_split(processor, device, test_questions)
-    at = accuracy_at_ratios(student, test, processor, eval_ratios, cfg.bf16)
-    acc, per_type = at["accuracy"], at["per_type"]
-    thr = None
-    if threshold:
-        res = accuracy(student, test, processor, rule="threshold", bf16=cfg.bf16)
-        thr = {"accuracy": res.accuracy, "keep_ratio": res.keep_ratio, "per_type": res.per_type}
+    data = {}  # the encoded test split, built once
+
+    def tested(student) -> dict:
+        if not data:
+            data["test"] = encoded_test_split(processor, next(student.parameters()).device, test_questions)
+        test = data["test"]
+        at = accuracy_at_ratios(student, test, processor, eval_ratios, cfg.bf16)
+        thr = None
+        if threshold:
+            res = accuracy(student, test, processor, rule="threshold", bf16=cfg.bf16)
+            thr = {"accuracy": res.accuracy, "keep_ratio": res.keep_ratio, "per_type": res.per_type}
+        return {"accuracy": at["accuracy"], "per_type": at["per_type"], "threshold": thr}
+
+    phase1 = {}
+    hook = (lambda vlm: phase1.update(tested(vlm))) if phase1_test else None
+    student, history = train_pruner(teacher, processor, cfg, phase1_end=hook)
+    out = tested(student)
     if save_to is not None:
         torch.save(student.state_dict(), save_to)
-    return {"name": name, "seed": cfg.seed, "config": history["config"], "accuracy": acc, "per_type": per_type,
-            "threshold": thr, "final_keep_ratio": history["keep_ratio"][-1] if history["keep_ratio"] else None,
+    return {"name": name, "seed": cfg.seed, "config": history["config"], **out, "phase1": phase1 or None,
+            "final_keep_ratio": history["keep_ratio"][-1] if history["keep_ratio"] else None,
             "train_time_s": history["train_time_s"], "history": history, "teacher_sha256": info.get("sha256"),
             "device": history["device"]}

@@ -276,6 +276,15 @@ def _validate(run: _Run, val_data, processor, callback, t: int, phase: str, rule
         callback(t, run.history)
 
 
+def _between_phases(vlm: PrunedVLM, device: torch.device, fn) -> None:
+    """``fn(vlm)``, then the random-number state and each module's train/eval mode as they were before."""
+    modes = [(m, m.training) for m in vlm.modules()]
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        fn(vlm)
+    for m, training in modes:
+        m.training = training
+
+
 def _check_args(cfg: PrunerConfig, processor, student, checkpoint_every, batches, val_data) -> None:
     """Argument checks before any work."""
     if processor is None and (batches is None or val_data is not None):
@@ -318,7 +327,7 @@ def _build_run(teacher, processor, cfg: PrunerConfig, device, val_data, student,
 
 def train_pruner(teacher, processor: VQAProcessor | None = None, cfg: PrunerConfig | str | None = None, device=None,
                  val_data=None, callback=None, student: PrunedVLM | None = None, checkpoint=None,
-                 checkpoint_every: int = 100, batches=None):
+                 checkpoint_every: int = 100, batches=None, phase1_end=None):
     """Train a :class:`vtp.GumbelVisionPruner` (and fine-tune the language model) against the frozen ``teacher``
     (any ``LlavaForConditionalGeneration``). Returns ``(student PrunedVLM in eval mode, history)``.
 
@@ -339,9 +348,16 @@ def train_pruner(teacher, processor: VQAProcessor | None = None, cfg: PrunerConf
     (saved every ``checkpoint_every`` steps and at the end; an existing file is continued, same ``cfg``
     required, ending as the uninterrupted run would, bit for bit on the CPU). Under ``torchrun``: DDP, every
     rank draws the global batch (and its Gumbel noise) and slices it; rank 0 validates and saves.
+    ``phase1_end(student)`` (a callable, with phase 2 only) is called on rank 0 when phase 1 ends, before phase 2:
+    the student is then in the state that a run of ``cfg`` with ``adapt_steps=0`` ends in (phase 1 depends on
+    nothing of phase 2), e.g. to test it (lesson 08); the random-number state and every module's train/eval mode
+    are restored after the call, so phase 2 runs as it would without it.
     """
     cfg = pruner_config(cfg) if cfg is None or isinstance(cfg, str) else cfg
     _check_args(cfg, processor, student, checkpoint_every, batches, val_data)
+    if phase1_end is not None and not (callable(phase1_end) and cfg.adapt_steps and student is None):
+        raise ValueError("phase1_end must be a callable, and needs phase 1 and a phase 2 (no student, "
+                         f"cfg.adapt_steps > 0), got {phase1_end!r}, adapt_steps={cfg.adapt_steps}")
     distributed.setup()  # under torchrun: one process per device, each on its slice of the global batch
     distributed.check_batch(cfg.batch_size)
     run, val_data = _build_run(teacher, processor, cfg, device, val_data, student, batches)
@@ -362,6 +378,10 @@ def train_pruner(teacher, processor: VQAProcessor | None = None, cfg: PrunerConf
     run.vlm.llava.model.vision_tower.eval()
     start = time.perf_counter()
     _phase1(run, min(done, phase1), phase1)
+    if phase1_end is not None and done <= phase1 and distributed.is_main():
+        hook_start = time.perf_counter()
+        _between_phases(run.vlm, run.device, phase1_end)
+        start += time.perf_counter() - hook_start  # the hook's time is not training time
     if run.eval_every and cfg.adapt_steps and done <= phase1:  # before phase 2 (and the training masks' law)
         if not phase1:
             run.validate(0, "gumbel")
