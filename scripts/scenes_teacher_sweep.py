@@ -3,21 +3,19 @@ trained CONCURRENTLY on one GPU, one subprocess each, inside one wall-clock budg
 
     python3 scripts/scenes_teacher_sweep.py --out DIR [--budget-s 480] [--configs a,b] [--smoke]
 
-Each worker generates its training pool (``pool_images`` scenes with ``questions_per_image`` distinct
-questions each, the scenes' training seed, in forked processes) and the fixed test split of its scene
-configuration, trains through :func:`vtp.train.train_teacher` (``train_data=``) with a time budget that ends
-its cosine schedule ``EVAL_RESERVE_S`` before the deadline, then evaluates on the test split: overall and per
-family, the blind baseline (blank images), and 64 of 576 tokens kept by random pruning (3 seeds), the
-VisionZip-style selection and the evidence oracle, each with its evidence recall per family. It writes
-``DIR/<config>.json``; the driver writes ``DIR/summary.json`` (ranking, the best configuration, the issue's
-teacher goals as met / not met). Five configurations by default (``DEFAULT``;
-the GPU's throughput is shared, so fewer configurations train more steps each), at most 6: <= 7 files.
+Each worker trains one recipe with :func:`vtp.scene_teacher.train_scene_teacher` (training pool, dense
+pre-training of the vision tower, question answering, optionally the evidence loss) in a time budget that ends
+``EVAL_RESERVE_S`` before the deadline, ships the teacher as ``DIR/<config>_teacher.tar`` and evaluates it on
+the test split: overall and per family, the blind baseline (blank images), and 64 of 576 tokens kept by random
+pruning (3 seeds), the VisionZip-style selection and the evidence oracle, each with its evidence recall per
+family. It writes ``DIR/<config>.json`` and its log ``DIR/<config>.log``; the driver writes
+``DIR/summary.json`` (ranking, the best configuration, the issue's teacher goals as met / not met). At most 6
+configurations; the GPU's throughput is shared, so fewer configurations train more steps each.
 
-Why these configurations: a pilot (4+4 layers, 256 wide, lr 5e-4, batch 128, 3 questions per image, 390 s)
-reached 66.8%, binding an attribute to a described object being the hard part and the loss still falling.
-So the search varies what should help binding within the budget: questions per image (more language-model
-supervision per vision pass), learning rate and batch, depth and width, and an easier scene distribution
-(fewer colours, larger objects, fewer objects) as the fallback benchmark.
+Measured on one H200 (``results/scenes_teacher_sweep.json``): five configurations at once, ~1,100 steps each
+in 240 s, stayed at their blank-image baselines; ``qfirst_dense60_5fam`` alone, 8,077 steps in 320 s, reached
+76% (blank images 35%) with relation questions still at chance. ``*_ev`` adds the evidence loss, aimed at
+exactly that: which patches a question is about, and which object is which in a relation.
 
 ``--smoke``: tiny scenes (64 px, 16 tokens), the CPU "smoke" model, 2 configurations, a 45 s budget.
 """
@@ -39,7 +37,7 @@ sys.path.insert(0, str(REPO))
 EVAL_RESERVE_S = {"full": 50.0, "smoke": 12.0}  # evaluation: 7 passes over 10,080 questions
 KEEP = 64 / 576  # the issue's tightest budget
 _BASE = {"model": {}, "scene": {}, "lr": 5e-4, "batch_size": 128, "questions_per_image": 4, "warmup_steps": 300,
-         "pool_images": 24_000}
+         "pool_images": 24_000, "dense_pretrain_s": 0, "question_first": False, "compile": False, "evidence_weight": 0.0}
 CONFIGS = {
     "pilot_qpi4": {},
     "lr1e-3_b256": {"lr": 1e-3, "batch_size": 256, "questions_per_image": 8, "warmup_steps": 500},
@@ -58,6 +56,11 @@ CONFIGS = {
     "qfirst_dense60_5fam": {"dense_pretrain_s": 60, "question_first": True, "compile": True,
                             "scene": {"families": ["exist", "count", "query_color", "query_shape", "relation"],
                                       "min_objects": 3, "max_objects": 7, "max_count": 3}},
+    # + the auxiliary evidence loss on the language model's visual positions (vtp.scene_teacher.EvidenceLoss)
+    "qfirst_dense60_5fam_ev": {"dense_pretrain_s": 60, "question_first": True, "compile": True, "evidence_weight": 1.0,
+                               "scene": {"families": ["exist", "count", "query_color", "query_shape", "relation"],
+                                         "min_objects": 3, "max_objects": 7, "max_count": 3}},
+    "qfirst_dense60_ev": {"dense_pretrain_s": 60, "question_first": True, "compile": True, "evidence_weight": 1.0},
     "qfirst_dense90_5fam": {"dense_pretrain_s": 90, "question_first": True, "compile": True,
                             "scene": {"families": ["exist", "count", "query_color", "query_shape", "relation"],
                                       "min_objects": 3, "max_objects": 7, "max_count": 3}},
@@ -68,7 +71,8 @@ DEFAULT = ("pilot_qpi4", "lr1e-3_b256", "deep6", "pilot_compiled", "easy_scenes"
 SMOKE_SCENE = {"image_size": 64, "patch_size": 16, "sizes": [["small", 4], ["large", 6]], "min_objects": 2,
                "max_objects": 4, "max_count": 2}
 SMOKE_CONFIGS = {"smoke_a": {"lr": 2e-3}, "smoke_b": {"lr": 1e-3, "questions_per_image": 2},
-                 "smoke_dense": {"lr": 2e-3, "dense_pretrain_s": 5}}
+                 "smoke_dense": {"lr": 2e-3, "dense_pretrain_s": 5},
+                 "smoke_ev": {"lr": 2e-3, "dense_pretrain_s": 5, "question_first": True, "evidence_weight": 1.0}}
 
 
 def _recipe(name: str, smoke: bool) -> dict:
@@ -76,52 +80,6 @@ def _recipe(name: str, smoke: bool) -> dict:
     if smoke:
         spec.update(scene={**SMOKE_SCENE, **spec["scene"]}, batch_size=16, warmup_steps=5, pool_images=80)
     return spec
-
-
-def _scene_cfg(spec: dict):
-    from vtp.scenes import SceneConfig
-
-    s = dict(spec["scene"])
-    for k in ("colors", "shapes", "families"):
-        if k in s:
-            s[k] = tuple(s[k])
-    if "sizes" in s:
-        s["sizes"] = tuple(tuple(x) for x in s["sizes"])
-    return SceneConfig(**s)
-
-
-def _shard(scene, n: int, k: int, per_image: int):
-    import torch
-
-    from vtp.scenes import generate_split
-
-    torch.set_num_threads(1)  # one thread per forked process: inherited thread pools oversubscribe the cores
-
-    return generate_split("train", n, scene, seed=(0, k), questions_per_image=per_image)
-
-
-def _training_pool(spec: dict, scene, processes: int):
-    """``pool_images`` scenes with ``questions_per_image`` distinct questions each (the batches draw that many
-    per image), generated in shards of 2,000 questions by ``processes`` forked processes, then concatenated."""
-    import dataclasses
-    import multiprocessing
-
-    import torch
-
-    per_image = spec["questions_per_image"]
-    n = spec["pool_images"] * per_image
-    jobs = [(scene, min(2000, n - i), k, per_image) for k, i in enumerate(range(0, n, 2000))]
-    with multiprocessing.get_context("fork").Pool(processes) as pool:
-        parts = pool.starmap(_shard, jobs)
-    offsets = [0]
-    for p in parts[:-1]:
-        offsets.append(offsets[-1] + p.images.shape[0])
-    cat = lambda key: [x for p in parts for x in getattr(p, key)]  # noqa: E731
-    return dataclasses.replace(
-        parts[0], questions=cat("questions"), answers=cat("answers"), families=cat("families"),
-        evidence_objects=cat("evidence_objects"), objects=cat("objects"),
-        image_ids=torch.cat([p.image_ids + o for p, o in zip(parts, offsets)]),
-        evidence=torch.cat([p.evidence for p in parts]), images=torch.cat([p.images for p in parts]))
 
 
 def _evaluate(model, processor, test, device, result: dict, save) -> None:
@@ -159,56 +117,27 @@ def _evaluate(model, processor, test, device, result: dict, save) -> None:
 
 
 def worker(name: str, out_dir: Path, deadline: float, smoke: bool) -> None:
-    """Generate data, train one configuration until ``deadline - EVAL_RESERVE_S``, evaluate, write JSON."""
+    """Train one configuration (:func:`vtp.scene_teacher.train_scene_teacher`) until ``deadline -
+    EVAL_RESERVE_S``, save it, evaluate it, write JSON."""
     t0 = time.time()
     import torch
 
-    from vtp.runtime import device_name
-    from vtp.scenes import encode_scenes, scene_processor, scene_split
-    from vtp.train import TrainConfig, train_teacher
+    from vtp.scene_teacher import scene_config, train_scene_teacher
+    from vtp.scenes import scene_split
 
     spec = _recipe(name, smoke)
-    scene = _scene_cfg(spec)
-    pool = _training_pool(spec, scene, int(os.environ.get("OMP_NUM_THREADS", "1")))  # forks before CUDA starts
-    print(f"{name}: training pool of {len(pool)} questions in {time.time() - t0:.0f} s", flush=True)
-    processor = scene_processor(scene, question_first=spec.get("question_first", False))
-    test = scene_split("test", scene, 120 if smoke else None)
-    gen_s = time.time() - t0
-    print(f"{name}: data generated in {gen_s:.0f} s", flush=True)
-    device = torch.device("cuda" if torch.cuda.is_available() and not smoke else "cpu")
-    model, dense = None, None
-    if spec.get("dense_pretrain_s"):  # stage 0: dense patch labels (colour, shape, size, centre) for the tower
-        from vtp.scene_pretrain import patch_labels, pretrain_vision
-        from vtp.vlm import build_llava
-
-        model = build_llava("smoke" if smoke else "scenes", vocab_size=processor.vocab_size,
-                            image_token_id=processor.image_token_id, pad_token_id=processor.pad_token_id,
-                            **spec["model"]).to(device)
-        hist0 = pretrain_vision(model, pool.images, patch_labels(pool), processor, scene, steps=1_000_000,
-                                time_budget_s=spec["dense_pretrain_s"], batch_size=spec["batch_size"] // 2)
-        dense = {k: hist0[k] for k in ("steps_done", "train_time_s", "loss", "acc")}
-        print(f"{name}: dense pre-training {dense['steps_done']} steps, {time.time() - t0:.0f} s in", flush=True)
     budget = deadline - EVAL_RESERVE_S["smoke" if smoke else "full"] - time.time()
-    if budget < 5:
-        raise RuntimeError(f"{name}: only {budget:.0f} s left for training after data generation")
-    cfg = TrainConfig(model="smoke" if smoke else "scenes", model_overrides=spec["model"], steps=1_000_000,
-                      batch_size=spec["batch_size"], lr=spec["lr"], warmup_steps=spec["warmup_steps"], augment={},
-                      train_questions=None, questions_per_image=spec["questions_per_image"], time_budget_s=budget,
-                      log_every=50, compile=spec.get("compile", False), eval_every=50 if smoke else 500,
-                      eval_questions=1800)
-    val = encode_scenes(scene_split("val", scene, 60 if smoke else None), processor, device)  # the learning curve
-    model, _, hist = train_teacher(cfg, device, processor, val_data=val,
-                                   train_data=encode_scenes(pool, processor, device), model=model)
-    result = {"name": name, "recipe": spec, "device": device_name(device), "parameters": hist["parameters"],
-              "steps": hist["steps_done"], "train_time_s": hist["train_time_s"], "data_gen_s": gen_s,
-              "pool": {"questions": len(pool), "images": int(pool.images.shape[0])},
-              "loss_curve": list(zip(hist["step"], hist["loss"]))[:: max(1, len(hist["step"]) // 40)],
-              "val_curve": hist["val"], "dense_pretrain": dense}
-    _save_teacher(model, processor, out_dir / f"{name}_teacher.tar", {"recipe": spec, "steps": hist["steps_done"]})
+    model, processor, info = train_scene_teacher(
+        spec, budget, "cpu" if smoke else None, preset="smoke" if smoke else "scenes",
+        processes=int(os.environ.get("OMP_NUM_THREADS", "1")), val_questions=60 if smoke else None,
+        eval_every=50 if smoke else 500, log=lambda m: print(f"{name}: {m}", flush=True))
+    _save_teacher(model, processor, out_dir / f"{name}_teacher.tar", {"recipe": info["recipe"], "steps": info["steps"]})
+    result = {"name": name, **info, "data_gen_s": info["data_s"]}
     path = out_dir / f"{name}.json"
     save = lambda: path.write_text(json.dumps({**result, "wall_s": time.time() - t0}, indent=2))  # noqa: E731
     save()
-    _evaluate(model, processor, test, device, result, save)
+    device = next(model.parameters()).device
+    _evaluate(model, processor, scene_split("test", scene_config(spec), 120 if smoke else None), device, result, save)
 
 
 def _save_teacher(model, processor, tar_path: Path, info: dict) -> None:

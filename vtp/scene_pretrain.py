@@ -6,8 +6,14 @@ of steps). The scene generator knows what lies under every patch, so the tower c
 
 **Labels.** For patch :math:`j` of image :math:`i`, let :math:`o^*(j)` be the object covering most of its pixels
 (none if no object pixel lies in it). The targets are the colour, shape and size of :math:`o^*(j)` (class 0 =
-background) and a centre flag, 1 iff :math:`j` holds the centre of :math:`o^*(j)`: counting objects then means
-counting flagged patches, whatever an object's size.
+background), a centre flag, 1 iff :math:`j` holds the centre of :math:`o^*(j)` (counting objects then means
+counting flagged patches, whatever an object's size), and the patch's own row and column in the grid (so that
+where a patch lies stays readable in the features the language model gets: spatial questions compare it).
+
+**Evidence roles** (:func:`evidence_roles`), for an auxiliary loss of the teacher on the language model's
+visual positions: per question and patch, 0 = not evidence, 1 = a patch of the (first) described object(s),
+2 = a patch of the second object of a ``relation`` question. Answers that assert absence (``exist`` "no",
+``count`` "zero") describe no object: all 0.
 
 **Loss.** Linear heads on the tower's last hidden states :math:`h_j` (the features LLaVA's projector reads);
 with :math:`\ell_{a,j} = -\log \operatorname{softmax}(W_a h_j)_{y_{a,j}}` and :math:`O` the patches an object
@@ -31,13 +37,14 @@ from .scenes import SceneConfig, _object_mask
 from .train.schedule import lr_factor, set_lr
 from .train.steps import step
 
-__all__ = ["LABELS", "patch_labels", "pretrain_vision"]
+__all__ = ["LABELS", "ROLES", "patch_labels", "evidence_roles", "pretrain_vision"]
 
-LABELS = ("color", "shape", "size", "centre")
+LABELS = ("color", "shape", "size", "centre", "row", "col")
+ROLES = ("none", "first", "second")  # evidence_roles classes
 
 
 def _label_one(objects, cfg: SceneConfig) -> np.ndarray:
-    """Labels int64 [G*G, 4] of one scene (see the module docstring)."""
+    """Labels int64 [G*G, 6] of one scene (see the module docstring)."""
     S, p, G = cfg.image_size, cfg.patch_size, cfg.grid
     radius, sizes = dict(cfg.sizes), [n for n, _ in cfg.sizes]
     best = np.zeros(G * G)  # pixels of the patch's owner so far
@@ -54,16 +61,43 @@ def _label_one(objects, cfg: SceneConfig) -> np.ndarray:
         out[mine, :3] = (cfg.colors.index(o.color) + 1, cfg.shapes.index(o.shape) + 1, sizes.index(o.size) + 1)
         centre = int(min(o.y, S - 1) // p) * G + int(min(o.x, S - 1) // p)
         out[centre, 3] = owner[centre] == k
+    out[:, 4], out[:, 5] = np.divmod(np.arange(G * G), G)
     return out
 
 
 def patch_labels(split) -> torch.Tensor:
-    """Dense labels int64 [I, G*G, 4] (colour, shape, size, centre) of every scene of a :class:`vtp.scenes.SceneSplit`."""
+    """Dense labels int64 [I, G*G, 6] (colour, shape, size, centre, row, column) of every scene of a
+    :class:`vtp.scenes.SceneSplit`."""
     return torch.from_numpy(np.stack([_label_one(objs, split.cfg) for objs in split.objects]))
 
 
+def _patches(obj, cfg: SceneConfig) -> np.ndarray:
+    """Flat indices of the patches ``obj`` has pixels in (its evidence patches, as in :mod:`vtp.scenes`)."""
+    y0, x0, m = _object_mask(obj.shape, dict(cfg.sizes)[obj.size], obj.x, obj.y, cfg.image_size)
+    ys, xs = np.nonzero(m)
+    return np.unique(((y0 + ys) // cfg.patch_size) * cfg.grid + (x0 + xs) // cfg.patch_size)
+
+
+def evidence_roles(split) -> torch.Tensor:
+    """Evidence roles int64 [Q, G*G] of every question of a :class:`vtp.scenes.SceneSplit` (see the module
+    docstring): 1 on the patches of the described objects, 2 on the second object of a relation, 0 elsewhere
+    and everywhere for answers that assert absence."""
+    cfg = split.cfg
+    out = np.zeros((len(split), cfg.num_tokens), np.int64)
+    images = split.image_ids.tolist()
+    for q, (fam, ans, ev) in enumerate(zip(split.families, split.answers, split.evidence_objects)):
+        if (fam, ans) in (("exist", "no"), ("count", "zero")):
+            continue
+        objs = split.objects[images[q]]
+        for k, i in enumerate(ev):
+            role = 2 if fam == "relation" and k == 1 else 1
+            out[q, _patches(objs[i], cfg)] = role
+    return torch.from_numpy(out)
+
+
 def _heads(width: int, cfg: SceneConfig) -> nn.ModuleDict:
-    classes = {"color": len(cfg.colors) + 1, "shape": len(cfg.shapes) + 1, "size": len(cfg.sizes) + 1, "centre": 2}
+    classes = {"color": len(cfg.colors) + 1, "shape": len(cfg.shapes) + 1, "size": len(cfg.sizes) + 1, "centre": 2,
+               "row": cfg.grid, "col": cfg.grid}
     return nn.ModuleDict({k: nn.Linear(width, n) for k, n in classes.items()})
 
 

@@ -144,7 +144,8 @@ class PrunedVLMOutput:
     """``logits`` [B, L', V] over the positions the LLM saw (L' = L except in ``"remove"`` mode); ``labels``,
     ``attention_mask``, ``index`` (original position of each output) aligned with them; ``visual_keep`` [B, N]
     the mask applied; ``keep_prob``/``pruner_logits`` from the pruner (or ``None``); ``n_visual`` [B] the
-    visual tokens each sample's LLM actually attended to; ``visual_mask`` [B, L] image positions."""
+    visual tokens each sample's LLM actually attended to; ``visual_mask`` [B, L] image positions; ``hidden``
+    [B, L', D] the language model's last hidden states (the inputs of ``lm_head``)."""
 
     logits: torch.Tensor
     labels: torch.Tensor | None
@@ -155,6 +156,7 @@ class PrunedVLMOutput:
     pruner_logits: torch.Tensor | None
     n_visual: torch.Tensor
     visual_mask: torch.Tensor
+    hidden: torch.Tensor | None = None
 
 
 def _check_text(input_ids, attention_mask, labels) -> torch.Tensor:
@@ -266,7 +268,7 @@ class PrunedVLM(nn.Module):
         if labels is not None:
             labels = labels.gather(1, index).masked_fill(attention_mask == 0, -100)
         return PrunedVLMOutput(logits, labels, attention_mask, index, vkeep, keep_prob, pruner_logits, n_visual,
-                               visual_mask)
+                               visual_mask, hidden)
 
     def _image_tokens(self, pixel_values, image_index, batch: int) -> torch.Tensor:
         """The projected visual tokens [B, N, d] of each sample: one image per sample, or for sample ``b`` the image

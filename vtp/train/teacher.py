@@ -70,28 +70,32 @@ def _setup(cfg: TrainConfig, device, processor, val_data, train_data, model=None
     return device, processor, model, data, val_data
 
 
-def _batch_loss(net, device, cfg: TrainConfig):
-    """``(loss of a batch, compiled)``: the answer CE of the unpruned model under autocast, compiled on CUDA when
-    ``cfg.compile`` (the tiny model's step is bound by Python and kernel launches, which fusion cuts)."""
+def _batch_loss(net, device, cfg: TrainConfig, extra_loss=None):
+    """``(loss of a batch, compiled)``: the answer CE of the unpruned model under autocast (plus
+    ``extra_loss(batch, output)`` if given), compiled on CUDA when ``cfg.compile`` (the tiny model's step is
+    bound by Python and kernel launches, which fusion cuts)."""
     def batch_loss(batch):
         with autocast(device, cfg.bf16):
-            logits = net(batch["input_ids"], batch["pixel_values"], batch["attention_mask"], mode="none",
-                         image_index=batch["image_index"]).logits
-        return answer_loss(logits, batch["labels"])
+            out = net(batch["input_ids"], batch["pixel_values"], batch["attention_mask"], mode="none",
+                      image_index=batch["image_index"])
+        loss = answer_loss(out.logits, batch["labels"])
+        return loss if extra_loss is None else loss + extra_loss(batch, out)
 
     compiled = cfg.compile and device.type == "cuda"
     return (torch.compile(batch_loss) if compiled else batch_loss), compiled
 
 
 def train_teacher(cfg: TrainConfig | str | None = None, device=None, processor: VQAProcessor | None = None,
-                  val_data=None, train_data=None, model=None):
+                  val_data=None, train_data=None, model=None, extra_loss=None):
     """Train the unpruned teacher. Returns ``(llava, processor, history)``; ``history`` holds per-step ``lr``,
     ``loss`` every ``log_every`` steps (at ``step``), periodic ``val`` accuracies ``[(step, acc)]``,
     ``train_time_s``, ``device``, config. ``train_data`` (an :class:`vtp.data.EncodedSplit`, e.g.
     :func:`vtp.scenes.encode_scenes`) replaces easy-VQA's training questions; it needs the ``processor`` that
     encoded it, and ``val_data`` when ``eval_every`` > 0. ``model`` starts training from a given
     ``LlavaForConditionalGeneration`` (e.g. one whose vision tower was pretrained on dense patch labels,
-    :func:`vtp.scenes.pretrain_vision`) instead of a fresh one of ``cfg.model``. Under ``torchrun`` (:mod:`vtp.distributed`):
+    :func:`vtp.scenes.pretrain_vision`) instead of a fresh one of ``cfg.model``. ``extra_loss`` (an
+    ``nn.Module``, e.g. :class:`vtp.scene_teacher.EvidenceLoss`) adds ``extra_loss(batch, output)`` to the loss
+    and trains its own parameters with the model's. Under ``torchrun`` (:mod:`vtp.distributed`):
     ``DistributedDataParallel``, the global batch split over the ranks with each image's questions on one rank,
     the logged loss averaged over the ranks, validation on rank 0 (sent to all), and rank 0's clock deciding
     when a time budget ends."""
@@ -99,7 +103,9 @@ def train_teacher(cfg: TrainConfig | str | None = None, device=None, processor: 
     distributed.setup()  # under torchrun: one process per device, each on its slice of the global batch
     distributed.check_batch(cfg.batch_size, group=cfg.questions_per_image)
     device, processor, model, data, val_data = _setup(cfg, device, processor, val_data, train_data, model)
-    opt = _optimizer(model, cfg)
+    if extra_loss is not None:
+        extra_loss = extra_loss.to(device).train()
+    opt = _optimizer(model if extra_loss is None else torch.nn.ModuleList([model, extra_loss]), cfg)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     history = {"step": [], "loss": [], "lr": [], "val": [], "device": device_name(device),
                "config": dataclasses.asdict(cfg), "parameters": count_parameters(model),
@@ -108,8 +114,8 @@ def train_teacher(cfg: TrainConfig | str | None = None, device=None, processor: 
                                                               cfg.questions_per_image, gen, cfg.augment))
     net = distributed.wrap(PrunedVLM(model))  # no pruner: the plain model, vision tower once per image; DDP under torchrun
 
-    step_loss, history["compiled"] = _batch_loss(net, device, cfg)
-    params = list(model.parameters())
+    step_loss, history["compiled"] = _batch_loss(net, device, cfg, extra_loss)
+    params = list(model.parameters()) + (list(extra_loss.parameters()) if extra_loss is not None else [])
     model.train()
     start = time.perf_counter()
     bar = progress(total=cfg.steps, desc="teacher", leave=False, disable=not distributed.is_main())

@@ -1,0 +1,107 @@
+"""The scenes teacher's recipe (vtp.scene_teacher): evidence roles, the evidence loss, position labels, one call."""
+import pytest
+import torch
+
+from vtp.scene_pretrain import LABELS, evidence_roles, patch_labels
+from vtp.scene_teacher import EvidenceLoss, scene_config, train_scene_teacher, training_pool
+from vtp.scenes import SceneConfig, generate_split, render_scene
+
+TINY = {"image_size": 32, "patch_size": 8, "sizes": [["small", 3], ["large", 5]], "min_objects": 2, "max_objects": 3,
+        "max_count": 2, "jitter": 2, "relation_margin": 4}
+
+
+def test_position_labels_are_the_patch_grid():
+    cfg = SceneConfig()
+    split = generate_split("train", 12, cfg, seed=(3, 0))
+    lab = patch_labels(split)
+    assert LABELS[4:] == ("row", "col")
+    j = torch.arange(cfg.num_tokens)
+    assert torch.equal(lab[0, :, 4], j // cfg.grid) and torch.equal(lab[0, :, 5], j % cfg.grid)
+
+
+def test_evidence_roles_mark_the_described_objects():
+    cfg = SceneConfig()
+    split = generate_split("train", 600, cfg, seed=(4, 0))
+    roles = evidence_roles(split)
+    assert roles.shape == (len(split), cfg.num_tokens)
+    for q, (fam, ans) in enumerate(zip(split.families, split.answers)):
+        if (fam, ans) in (("exist", "no"), ("count", "zero")):
+            assert roles[q].sum() == 0  # absence: no object is described
+        else:  # evidence patches, and only they, carry a role
+            assert torch.equal(roles[q] > 0, split.evidence[q])
+        assert (roles[q] == 2).any() == (fam == "relation")
+    rel = split.families.index("relation")
+    first, second = split.evidence_objects[rel]
+    objs = split.objects[int(split.image_ids[rel])]
+    _, patches = render_scene(objs, cfg)
+    assert bool((roles[rel][torch.as_tensor(patches[second])] == 2).all())  # the second object wins overlaps
+    only_first = torch.as_tensor(patches[first]) & ~torch.as_tensor(patches[second])
+    assert bool((roles[rel][only_first] == 1).all())
+
+
+def test_evidence_loss_reads_visual_positions_and_learns():
+    torch.manual_seed(0)
+    B, N, D = 4, 16, 8
+    roles = torch.zeros(10, N, dtype=torch.long)
+    roles[:, :3] = 1
+    roles[:, 3:5] = 2
+    loss_fn = EvidenceLoss(D, roles, weight=0.5)
+    visual = torch.zeros(B, N + 4, dtype=torch.bool)
+    visual[:, 2:2 + N] = True
+    hidden = torch.randn(B, N + 4, D, requires_grad=True)
+    out = type("Out", (), {"hidden": hidden, "visual_mask": visual})()
+    batch = {"index": torch.tensor([0, 3, 5, 9])}
+    loss = loss_fn(batch, out)
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    loss.backward()
+    assert hidden.grad[:, 2:2 + N].abs().sum() > 0 and hidden.grad[:, :2].abs().sum() == 0  # visual positions only
+    opt = torch.optim.SGD(list(loss_fn.parameters()) + [hidden], lr=1.0)
+    first = loss.item()
+    for _ in range(50):
+        opt.zero_grad()
+        loss = loss_fn(batch, out)
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.5 * first
+    with pytest.raises(ValueError, match="visual positions"):
+        loss_fn(batch, type("Out", (), {"hidden": hidden[:, :10], "visual_mask": visual[:, :10]})())
+    with pytest.raises(ValueError, match="weight"):
+        EvidenceLoss(D, roles, weight=0.0)
+
+
+def test_training_pool_is_deterministic_and_indexes_its_images():
+    cfg = scene_config({"scene": TINY})
+    a, b = training_pool(cfg, 30, 2, shard=20), training_pool(cfg, 30, 2, shard=20)
+    assert len(a) == 60 and a.questions == b.questions and torch.equal(a.images, b.images)
+    assert int(a.image_ids.max()) == a.images.shape[0] - 1 and len(a.objects) == a.images.shape[0]
+
+
+def test_train_scene_teacher_in_one_call_with_the_evidence_loss():
+    recipe = {"scene": TINY, "batch_size": 8, "questions_per_image": 2, "warmup_steps": 2, "pool_images": 40,
+              "dense_pretrain_s": 1, "compile": False, "evidence_weight": 1.0, "lr": 2e-3}
+    logs = []
+    model, proc, info = train_scene_teacher(recipe, 12, "cpu", preset="smoke", val_questions=30, eval_every=0,
+                                            log=logs.append)
+    assert info["steps"] > 5 and info["dense"]["steps_done"] > 0 and len(logs) == 3
+    assert info["recipe"]["evidence_weight"] == 1.0 and info["total_s"] < 40
+    assert model.config.vision_config.image_size == 32 and proc.num_image_tokens == 16
+    assert not model.training
+    with pytest.raises(ValueError, match="unknown keys"):
+        train_scene_teacher({"lr_typo": 1}, 5, "cpu", preset="smoke")
+    with pytest.raises(ValueError, match="image_size"):
+        train_scene_teacher({"scene": TINY, "model": {"image_size": 64}}, 5, "cpu", preset="smoke")
+
+
+def test_train_teacher_trains_the_extra_loss_head():
+    from vtp.scenes import encode_scenes, scene_processor
+    from vtp.train import TrainConfig, train_teacher
+
+    cfg = scene_config({"scene": TINY})
+    split = generate_split("train", 40, cfg, seed=(6, 0), questions_per_image=2)
+    proc = scene_processor(cfg, question_first=True)
+    extra = EvidenceLoss(64, evidence_roles(split))
+    before = extra.head.weight.detach().clone()
+    tc = TrainConfig(model="smoke", model_overrides={"image_size": 32, "patch_size": 8}, steps=3, batch_size=4,
+                     questions_per_image=2, eval_every=0, augment={}, train_questions=None, warmup_steps=1)
+    train_teacher(tc, "cpu", proc, train_data=encode_scenes(split, proc), extra_loss=extra)
+    assert not torch.equal(before, extra.head.weight)
