@@ -103,8 +103,7 @@ def train_teacher(cfg: TrainConfig | str | None = None, device=None, processor: 
     distributed.setup()  # under torchrun: one process per device, each on its slice of the global batch
     distributed.check_batch(cfg.batch_size, group=cfg.questions_per_image)
     device, processor, model, data, val_data = _setup(cfg, device, processor, val_data, train_data, model)
-    if extra_loss is not None:
-        extra_loss = extra_loss.to(device).train()
+    extra_loss = extra_loss.to(device).train() if extra_loss is not None else None
     opt = _optimizer(model if extra_loss is None else torch.nn.ModuleList([model, extra_loss]), cfg)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     history = {"step": [], "loss": [], "lr": [], "val": [], "device": device_name(device),
