@@ -105,3 +105,17 @@ def test_train_teacher_trains_the_extra_loss_head():
                      questions_per_image=2, eval_every=0, augment={}, train_questions=None, warmup_steps=1)
     train_teacher(tc, "cpu", proc, train_data=encode_scenes(split, proc), extra_loss=extra)
     assert not torch.equal(before, extra.head.weight)
+
+
+def test_load_or_train_scene_teacher_trains_once_then_loads(tmp_path, monkeypatch):
+    import vtp.scene_teacher as st
+
+    monkeypatch.setattr(st, "scene_teacher_dir", lambda mode=None: tmp_path / f"scenes_teacher_{mode}")
+    monkeypatch.setitem(st.TIME_BUDGET_S, "smoke", 6.0)
+    model, proc, info = st.load_or_train_scene_teacher("smoke", "cpu", log=lambda m: None)
+    assert (tmp_path / "scenes_teacher_smoke" / "config.json").exists() and len(info["sha256"]) == 64
+    again, proc2, info2 = st.load_or_train_scene_teacher("smoke", "cpu", log=lambda m: None)
+    assert info2["sha256"] == info["sha256"] and info2["recipe"] == info["recipe"]
+    assert proc2.question_first == proc.question_first and proc2.num_image_tokens == 16
+    for a, b in zip(model.state_dict().values(), again.state_dict().values()):
+        assert torch.equal(a.to(torch.bfloat16).float(), b.float())  # saved in bf16

@@ -38,12 +38,23 @@ from torch.nn import functional as F
 from .scene_pretrain import ROLES, evidence_roles, patch_labels, pretrain_vision
 from .scenes import SceneConfig, encode_scenes, generate_split, scene_processor, scene_split
 
-__all__ = ["SCENE_TEACHER_RECIPE", "EvidenceLoss", "scene_config", "training_pool", "train_scene_teacher"]
+__all__ = ["SCENE_TEACHER_RECIPE", "SMOKE_RECIPE", "TIME_BUDGET_S", "EvidenceLoss", "scene_config", "training_pool",
+           "train_scene_teacher", "scene_teacher_dir", "load_or_train_scene_teacher"]
 
-#: The default recipe (a dict, so that a results file can record it as it is): the "scenes" model preset.
-SCENE_TEACHER_RECIPE = {"model": {}, "scene": {}, "lr": 5e-4, "batch_size": 128, "questions_per_image": 4,
+FIVE_FAMILIES = {"families": ["exist", "count", "query_color", "query_shape", "relation"], "min_objects": 3,
+                 "max_objects": 7, "max_count": 3}
+#: The recipe (a dict, so that a results file can record it as it is), "scenes" model preset; the full run's
+#: scenes: five families (no two-count comparisons), 3-7 objects, counts to three.
+SCENE_TEACHER_RECIPE = {"model": {}, "scene": FIVE_FAMILIES, "lr": 5e-4, "batch_size": 128, "questions_per_image": 4,
                         "warmup_steps": 300, "pool_images": 24_000, "dense_pretrain_s": 60,
-                        "question_first": True, "compile": True, "evidence_weight": 0.0}
+                        "question_first": True, "compile": True, "evidence_weight": 1.0}
+#: CPU smoke runs: 64 px scenes of 16 tokens, the "smoke" model preset, seconds of training.
+SMOKE_RECIPE = {**SCENE_TEACHER_RECIPE, "scene": {**FIVE_FAMILIES, "image_size": 64, "patch_size": 16,
+                                                  "sizes": [["small", 4], ["large", 6]], "min_objects": 2,
+                                                  "max_objects": 4, "max_count": 2},
+                "batch_size": 16, "warmup_steps": 5, "pool_images": 300, "dense_pretrain_s": 4, "compile": False,
+                "lr": 2e-3}
+TIME_BUDGET_S = {"full": 540.0, "smoke": 25.0}  # the whole recipe, data generation included
 
 
 class EvidenceLoss(nn.Module):
@@ -155,3 +166,31 @@ def train_scene_teacher(recipe: dict | None = None, time_budget_s: float = 420.0
                 loss_curve=list(zip(hist["step"], hist["loss"]))[:: max(1, len(hist["step"]) // 40)])
     log(f"scenes teacher: {hist['steps_done']} steps, {info['total_s']:.0f} s in all")
     return model.eval(), processor, info
+
+
+def scene_teacher_dir(mode: str | None = None):
+    """Where the scenes teacher of ``mode`` is saved: ``checkpoints/scenes_teacher_<mode>`` (git-ignored)."""
+    from .runtime import run_mode
+    from .train import REPO_ROOT
+
+    return REPO_ROOT / "checkpoints" / f"scenes_teacher_{mode or run_mode()}"
+
+
+def load_or_train_scene_teacher(mode: str | None = None, device=None, retrain: bool = False, log=print):
+    """The scenes teacher of ``mode``: loaded from :func:`scene_teacher_dir` if saved there, else trained now
+    (``SCENE_TEACHER_RECIPE`` in ``TIME_BUDGET_S["full"]`` on a GPU, ``SMOKE_RECIPE`` on a CPU) and saved there.
+    Returns ``(llava, processor, info)``; ``info["recipe"]`` gives the scenes (:func:`scene_config`),
+    ``info["sha256"]`` identifies the weights."""
+    from .runtime import run_mode
+    from .train import load_teacher, save_teacher_once
+
+    mode = mode or run_mode()
+    target = scene_teacher_dir(mode)
+    if not retrain and (target / "config.json").exists():
+        return load_teacher(target, device)
+    recipe, preset = (SCENE_TEACHER_RECIPE, "scenes") if mode == "full" else (SMOKE_RECIPE, "smoke")
+    model, processor, info = train_scene_teacher(recipe, TIME_BUDGET_S[mode], device, preset=preset,
+                                                 processes=8 if mode == "full" else 1,
+                                                 val_questions=None if mode == "full" else 60,
+                                                 eval_every=500 if mode == "full" else 0, log=log)
+    return save_teacher_once(model, processor, info, target, device)

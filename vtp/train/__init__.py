@@ -16,7 +16,7 @@ from .config import (ABLATION_FIELDS, PRUNER_PRESETS, TEACHER_PRESETS, PrunerCon
 from .schedule import lr_factor, set_lr
 from .steps import answer_loss, step
 from .batches import REQUIRED_KEYS, easy_vqa_batches, encoded_batches, scene_batches, training_batches
-from .checkpoint import REPO_ROOT, load_or_train_teacher, load_teacher, save_teacher, teacher_dir
+from .checkpoint import REPO_ROOT, load_or_train_teacher, load_teacher, save_teacher, save_teacher_once, teacher_dir
 from .teacher import train_teacher
 from .student import _student
 from .pruner import train_pruner
@@ -25,7 +25,7 @@ from .patched import train_patched
 __all__ = ["TrainConfig", "TEACHER_PRESETS", "teacher_config", "PrunerConfig", "PRUNER_PRESETS", "pruner_config",
            "pruner_recipe", "ABLATION_FIELDS", "lr_factor", "set_lr", "step", "answer_loss", "REQUIRED_KEYS",
            "training_batches", "encoded_batches", "easy_vqa_batches", "scene_batches", "train_teacher",
-           "save_teacher", "load_teacher", "load_or_train_teacher", "teacher_dir", "REPO_ROOT", "train_pruner",
+           "save_teacher", "load_teacher", "load_or_train_teacher", "save_teacher_once", "teacher_dir", "REPO_ROOT", "train_pruner",
            "train_patched"]
 
 

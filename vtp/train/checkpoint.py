@@ -17,7 +17,8 @@ from ..data import VQAProcessor
 from ..pretrained import PRETRAINED_DIR, file_sha256, load_pretrained_teacher
 from ..runtime import default_device, run_mode
 
-__all__ = ["REPO_ROOT", "teacher_dir", "save_teacher", "load_teacher", "load_or_train_teacher", "save_run",
+__all__ = ["REPO_ROOT", "teacher_dir", "save_teacher", "load_teacher", "load_or_train_teacher", "save_teacher_once",
+           "save_run",
            "resume_run"]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent.parent
@@ -84,10 +85,15 @@ def load_or_train_teacher(mode: str | None = None, device=None, retrain: bool = 
         return load_pretrained_teacher(device)
     model, processor, history = train_teacher(teacher_config(mode), device)
     info = {k: history[k] for k in ("device", "train_time_s", "parameters", "config", "val")}
-    # Save beside the target, then rename: a process that loads concurrently (notebooks run in parallel
-    # in the test suite) never sees a half-written checkpoint. If another process saved first, theirs is THE
-    # teacher of this mode: return it, so every process (and every job it starts) uses the same weights.
-    target = teacher_dir(mode)
+    return save_teacher_once(model, processor, info, teacher_dir(mode), device)
+
+
+def save_teacher_once(model, processor, info: dict, target, device=None):
+    """Save a freshly trained teacher to ``target`` and return ``(model, processor, info)`` with
+    ``info["sha256"]``. Saved beside the target, then renamed: a process that loads concurrently (notebooks run
+    in parallel in the test suite) never sees a half-written checkpoint. If another process saved first, theirs
+    is THE teacher: it is returned instead, so every process (and every job it starts) uses the same weights."""
+    target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     save_teacher(model, processor, tmp, info)
