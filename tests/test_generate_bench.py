@@ -1,17 +1,21 @@
-"""Tests of vtp.generate_bench on a CPU, tiny shapes: the smoke run and its JSON, the pipeline's FLOPs model against
-torch's FlopCounterMode, the pruned pipeline really feeds k visual tokens to the language model, ratio 1 generates
-the unpatched model's tokens, goals and bad input."""
+"""Tests of vtp.generate_bench on a CPU, tiny shapes: the smoke run and its JSON, the interleaved timing protocol,
+the pipeline's FLOPs model against torch's FlopCounterMode, the pruned pipeline really feeds k visual tokens to the
+language model, ratio 1 generates the unpatched model's tokens, the patched prefill reads back to the host only
+where documented, goals and bad input."""
 import json
+import traceback
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 import vtp
 from vtp.benchmark import CPU_CAVEAT, kept_tokens
 from vtp.generate_bench import (GenerateBenchConfig, build_llava_model, cache_of, check_goals, decode_bound,
                                 format_table, generate, llava_config, main, make_inputs, make_pruner, pipeline_bound,
-                                pipeline_flops, vision_flops)
+                                pipeline_flops, timing_protocol, vision_flops)
+from vtp.timing import time_interleaved
 
 N_TEXT, BEFORE = 8, 3
 
@@ -32,9 +36,11 @@ def test_smoke_cli_writes_json_with_the_schema(tmp_path, capsys):
     data = json.loads(out.read_text())
     assert data == json.loads(json.dumps(res))
     assert CPU_CAVEAT in capsys.readouterr().out  # the CPU note: timings not meaningful
-    for key in ("device", "torch", "mode", "config", "pruner", "n_visual", "lm_weight_bytes", "flops_per_image",
-                "rows", "goals", "seconds"):
+    for key in ("device", "torch", "transformers", "mode", "config", "timing", "pruner", "n_visual",
+                "lm_weight_bytes", "flops_per_image", "rows", "goals", "seconds"):
         assert key in data, key
+    assert data["timing"] == timing_protocol(GenerateBenchConfig.smoke(), "cpu")
+    assert data["timing"].startswith("global warm-up of every configuration, then 2 interleaved rounds")
     assert "question-aware" in data["pruner"]
     cfg = GenerateBenchConfig.smoke()
     assert len(data["rows"]) == len(cfg.batches) * (1 + len(cfg.ratios))
@@ -46,10 +52,104 @@ def test_smoke_cli_writes_json_with_the_schema(tmp_path, capsys):
         assert row_keys <= set(r), row_keys - set(r)
         assert r["ttft_ms"] > 0 and r["decode_tokens_per_s"] > 0 and r["seq_len"] == r["visual_kept"] + cfg.n_text
         assert set(r["flops"]) == {"vision", "pruner", "prefill", "total"}
+        assert len(r["ttft_times_ms"]) == cfg.repeats and r["ttft_ms"] == sorted(r["ttft_times_ms"])[0] + (
+            sorted(r["ttft_times_ms"])[1] - sorted(r["ttft_times_ms"])[0]) / 2  # the median of 2
     kept = [(r["batch"], r["pruned"], r["visual_kept"]) for r in data["rows"]]
     assert kept == [(B, p, k) for B in cfg.batches for p, k in [(False, 16), (True, 16), (True, 8), (True, 4)]]
     assert data["goals"] == []  # no batch-8 row with 64 visual tokens in the smoke run
     assert "not evaluated" in format_table(res)
+
+
+def test_time_interleaved_warms_up_every_configuration_then_interleaves():
+    """Warm-up calls of every configuration before any timed call; each round times every configuration once (a
+    sparser one in rounds spread evenly), in a seeded order that differs between rounds; setup before each call."""
+    log, state = [], {}
+
+    def setup(key):
+        state["configured"] = key
+
+    def fn(key):
+        assert state["configured"] == key  # the configuration was set up before the call
+        log.append(key)
+
+    keys = "abcdef"
+    calls = {k: ((lambda k=k: setup(k)), (lambda k=k: fn(k))) for k in keys}
+    calls["g"] = lambda: log.append("g")  # a bare function: no setup
+    repeats = {**{k: 6 for k in keys}, "g": 3}
+    times = time_interleaved(calls, repeats, warmup={**{k: 2 for k in keys}, "g": 1}, device="cpu", seed=5)
+    assert sorted(log[:13]) == sorted(2 * keys + "g")  # the global warm-up: 2 calls of each, 1 of g
+    timed = log[13:]
+    assert {k: len(v) for k, v in times.items()} == repeats and len(timed) == 6 * 6 + 3
+    rounds, i = [], 0
+    for r in range(6):
+        n = 6 + (r in (0, 2, 4))  # g in 3 of the 6 rounds, spread evenly: 0, 2, 4
+        rounds.append(timed[i:i + n])
+        i += n
+    assert all(sorted(rd) == sorted(keys + ("g" if r in (0, 2, 4) else "")) for r, rd in enumerate(rounds))
+    assert len({tuple(rd) for rd in rounds}) > 1  # shuffled: not one fixed order
+    log.clear()
+    time_interleaved(calls, repeats, warmup={**{k: 2 for k in keys}, "g": 1}, device="cpu", seed=5)
+    assert log[13:] == timed  # the same seed, the same order
+    with pytest.raises(ValueError, match="repeats"):
+        time_interleaved(calls, 0, device="cpu")
+    with pytest.raises(ValueError, match="calls"):
+        time_interleaved({}, 1, device="cpu")
+
+
+HOST_READS = {"_local_scalar_dense", "nonzero", "bincount", "lift_fresh"}  # lift_fresh: a tensor from host data
+
+
+class _HostReads(TorchDispatchMode):
+    """Ops that, on a GPU, read a device tensor back to the host or copy host data to it (and so wait for the GPU),
+    by the function of ``vtp/<file>`` that made them; ``.tolist()`` reads too (a read that dispatches nothing on a
+    CPU), recorded by the caller's patch of ``torch.Tensor.tolist``."""
+
+    def __init__(self):
+        super().__init__()
+        self.sites = []
+
+    def record(self, op):
+        """Record ``op`` when the code that made it (the innermost frame outside torch and this file) is vtp's."""
+        frames = [f for f in traceback.extract_stack() if "/torch/" not in f.filename.replace("\\", "/")
+                  and f.filename != __file__]
+        where = frames[-1].filename.replace("\\", "/")
+        if "/vtp/" in where:
+            self.sites.append((where.rsplit("/", 1)[-1], frames[-1].name, op))
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.__name__.split(".")[0]
+        boolean_index = name == "index" and any(i is not None and i.dtype == torch.bool for i in args[1])
+        if name in HOST_READS or boolean_index:
+            self.record(name if not boolean_index else "index with a boolean mask")
+        return func(*args, **(kwargs or {}))
+
+
+def test_patched_prefill_reads_back_to_the_host_only_where_documented(tiny, monkeypatch):
+    """vtp.patch's prefill waits for the GPU three times (the visual positions, one read of the images' sizes, one
+    of the kept counts); the decode steps never. Removed: ``bool(visual.any())`` before the prefill, the three
+    reads and two bincount reads of counting the images, the boolean-mask indexing of the scorable tokens, the copy
+    of a host ``True``, the three reads of "all kept" / K / the padding side, and (no padding: no mask passed) the
+    model's own check that the mask is all ones. The pruner's check of its validity mask is its own."""
+    config, model, pruner, inputs = tiny
+    counter = _HostReads()
+    tolist = torch.Tensor.tolist
+    masks = []
+    hook = model.model.language_model.register_forward_pre_hook(
+        lambda module, args, kwargs: masks.append(kwargs.get("attention_mask")), with_kwargs=True)
+    vtp.patch(model, pruner, ratio=0.25)
+    try:
+        with torch.no_grad():
+            generate(model, inputs, 1)  # warm: nothing lazily built inside the counted call
+            monkeypatch.setattr(torch.Tensor, "tolist", lambda t: (counter.record("tolist"), tolist(t))[1])
+            with counter:
+                out = generate(model, inputs, 3)
+    finally:
+        vtp.unpatch(model)
+        hook.remove()
+    assert out.shape[1] == inputs["input_ids"].shape[1] + 3
+    reads = sorted(site[1:] for site in counter.sites if site[0] in ("patch.py", "selection.py"))
+    assert reads == [("_images", "tolist"), ("_prefill", "nonzero"), ("_prefill", "tolist")], counter.sites
+    assert masks[-3] is None  # the prefill of the counted call: no padding, every sample keeps k, no mask
 
 
 def test_vision_flops_hand_checked(tiny):

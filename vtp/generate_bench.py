@@ -25,23 +25,33 @@ the language model's 5x. **Decode** reads every weight and the KV cache once per
 (:func:`vtp.flops.decode_bound`, about 1.15 at batch 8), and eager transformers decoding is limited by Python and
 kernel launches before either.
 
-**Timing**: :func:`vtp.timing.time_ms` (CUDA events, the GPU synchronised before every call), after warm-up
-calls, median of ``repeats``. On a CPU the timings are not meaningful (a note says so, as in
-:mod:`vtp.benchmark`). Goal: TTFT speedup :math:`\ge 0.85\times` the bound at batch 8 and 64 visual tokens.
+**Timing** (:func:`vtp.timing.time_interleaved`; the protocol is written into the results as ``timing``): a
+*configuration* is a batch with the unpatched model or the patched one at one keep ratio (the vision tower alone,
+per batch, is one too). Every configuration is first called untimed (``warmup`` times; ``decode_warmup`` times
+for the long generations), so no configuration pays for the GPU's clock ramp, the allocator's growth or the
+first choice of kernels; then ``repeats`` rounds each time every configuration once, in a seeded random order,
+so that a drift of the clock or the temperature hits all alike (the long generations in ``decode_repeats`` of
+the rounds, spread evenly). Each call: :func:`vtp.timing.time_ms` (CUDA events, the GPU synchronised before it).
+Reported: median and interquartile range. Switching configuration (:func:`vtp.patch` / :func:`vtp.unpatch` /
+``model.vtp_ratio``) happens between calls, untimed. On a CPU the timings are not meaningful (a note says so, as
+in :mod:`vtp.benchmark`). Goal: TTFT speedup :math:`\ge 0.85\times` the bound at batch 8 and 64 visual tokens.
 
-**Run time** of ``python -m vtp.generate_bench --full`` on one H200 (estimate): building the 7B model with random
-weights on the GPU, ~0.5-1 min; TTFT, 5 timed + 2 warm-up calls at batch 1 and 8 for the baseline and 4 ratios,
-< 10 s; decode (33-token generations, 1 warm-up + 3 timed, ~20-35 ms per step in eager transformers), ~1-1.5
-min; about 3 minutes in all, well inside 8. Memory: 14 GB of weights plus < 4 GB of cache and activations.
+**Run time** of ``python -m vtp.generate_bench --full`` on one H200 (estimate; the earlier protocol, 5 timed
+TTFT calls and 3 generations per configuration, took 71 s in all): building the 7B model with random weights on
+the GPU, ~0.5-1 min; TTFT, 2 warm-up + 15 timed calls for each of the 10 configurations (< 0.2 s each), < 30 s;
+decode (33-token generations, 1 warm-up + 5 timed per configuration, ~25-35 ms per step in eager transformers),
+~1 min; about 2-3 minutes in all. Memory: 14 GB of weights plus < 4 GB of cache and activations.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 from dataclasses import asdict, dataclass
 from statistics import median
 
 import torch
+import transformers
 from transformers import AutoModelForImageTextToText, CLIPVisionConfig, LlavaConfig
 
 from .benchmark import lm_config
@@ -51,9 +61,10 @@ from .patch import patch, unpatch
 from .prefill_paths import _pos_int, kept_tokens
 from .pruner import GumbelVisionPruner, check_ratio
 from .runtime import default_device, device_name, run_mode
-from .timing import CPU_CAVEAT, iqr, time_ms, write_results
+from .timing import CPU_CAVEAT, iqr, time_interleaved, write_results
 
-__all__ = ["VISION_SHAPES", "GenerateBenchConfig", "llava_config", "build_llava_model", "make_pruner", "make_inputs",
+__all__ = ["VISION_SHAPES", "GenerateBenchConfig", "timing_protocol", "llava_config", "build_llava_model",
+           "make_pruner", "make_inputs", "GOAL_FRACTION", "GOAL_BATCH", "GOAL_KEPT",
            "vision_flops", "pipeline_flops", "pipeline_bound", "decode_bound", "generate", "cache_of",
            "run_generate_bench", "check_goals", "format_table", "main"]
 
@@ -140,11 +151,11 @@ class GenerateBenchConfig:
     ratios: tuple = (1.0, 192 / 576, 128 / 576, 64 / 576)  # keep ratios: 576 -> 576 / 192 / 128 / 64 tokens
     n_text: int = 64
     text_before: int = 16  # text tokens before the image (system prompt); the rest follow it
-    warmup: int = 2
-    repeats: int = 5
+    warmup: int = 2  # untimed TTFT calls of every configuration before any is timed
+    repeats: int = 15  # interleaved rounds: timed TTFT calls per configuration
     decode_tokens: int = 32  # decode steps timed per generation
     decode_warmup: int = 1
-    decode_repeats: int = 3
+    decode_repeats: int = 5  # timed long generations per configuration, spread over the rounds
     dtype: str = "bfloat16"
     device: str | None = None
     seed: int = 0
@@ -181,8 +192,15 @@ def generate(model, inputs: dict, new_tokens: int, **kwargs):
     return model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False, **kwargs)
 
 
-def _time_generate(model, inputs, new_tokens, warmup, repeats, device) -> list[float]:
-    return time_ms(lambda: generate(model, inputs, new_tokens), warmup, repeats, device)
+def timing_protocol(cfg: GenerateBenchConfig, device=None) -> str:
+    """The timing protocol of :func:`run_generate_bench` in words (written into the results as ``timing``)."""
+    cuda = torch.device(device or default_device()).type == "cuda"
+    clock = "CUDA events, the GPU synchronised before every call" if cuda else "the host clock"
+    return (f"global warm-up of every configuration, then {max(cfg.repeats, cfg.decode_repeats)} interleaved rounds "
+            f"(warm-up: {cfg.warmup} untimed TTFT call(s) and {cfg.decode_warmup} untimed {1 + cfg.decode_tokens}-"
+            f"token generation(s) per configuration; each round times every configuration once, in a seeded random "
+            f"order: {cfg.repeats} TTFT calls and {cfg.decode_repeats} long generations per configuration in all, "
+            f"the latter in rounds spread evenly); {clock}; median and interquartile range")
 
 
 def _cache_length(model, inputs) -> int:
@@ -197,19 +215,37 @@ def cache_of(output):
     return output.past_key_values if cache is None else cache
 
 
-def _measure(model, inputs, cfg, device, config, B, kept, weight_bytes, dtype, pruned: bool) -> dict:
-    """One row: TTFT and decode of ``model`` (``pruned``: patched) on ``inputs``, the FLOPs bound beside them."""
-    ttft = _time_generate(model, inputs, 1, cfg.warmup, cfg.repeats, device)
-    long = _time_generate(model, inputs, 1 + cfg.decode_tokens, cfg.decode_warmup, cfg.decode_repeats, device)
-    t1, tn = median(ttft), median(long)
-    cache = _cache_length(model, inputs)
+def _configure(model, pruner, ratio):
+    """Put ``model`` in a configuration: unpatched (``ratio`` None) or patched with ``pruner`` at keep ratio
+    ``ratio`` (top-k), whatever it was before."""
+    patched = getattr(model, "_vtp", None) is not None
+    if ratio is None:
+        if patched:
+            unpatch(model)
+    elif patched:
+        model.vtp_ratio = ratio
+    else:
+        patch(model, pruner, ratio=ratio, rule="topk")
+
+
+def _image_features(model, pixel_values):
+    """The vision tower and projector alone (the part of TTFT that pruning cannot shorten)."""
+    c = model.config
+    return model.model.get_image_features(pixel_values=pixel_values, vision_feature_layer=c.vision_feature_layer,
+                                          vision_feature_select_strategy=c.vision_feature_select_strategy)
+
+
+def _row(cfg, config, B, kept, ttft, long, cache, weight_bytes, dtype, pruned: bool) -> dict:
+    """One row: TTFT and decode times (ms) of one configuration, the FLOPs bound beside them."""
     if cache != kept + cfg.n_text:
         raise RuntimeError(f"the KV cache holds {cache} prompt tokens after prefill, expected {kept} visual + "
                            f"{cfg.n_text} text")
+    t1, tn = median(ttft), median(long)
     flops = pipeline_flops(config, kept if pruned else None, cfg.n_text, B)
     decode_ms = max(tn - t1, 1e-9) / cfg.decode_tokens
     return dict(pruned=pruned, batch=B, visual_kept=kept, seq_len=kept + cfg.n_text, ttft_ms=t1,
-                ttft_iqr_ms=iqr(ttft), generate_ms=tn, decode_step_ms=decode_ms,
+                ttft_iqr_ms=iqr(ttft), ttft_times_ms=ttft, generate_ms=tn, generate_iqr_ms=iqr(long),
+                decode_step_ms=decode_ms,
                 decode_tokens_per_s=1e3 * B / decode_ms, end_to_end_tokens_per_s=1e3 * B * (1 + cfg.decode_tokens) / tn,
                 flops=flops, tflops_ttft=flops["total"] / t1 / 1e9,
                 kv_cache_mb=kv_cache_bytes(config.text_config, cache, B, dtype) / 2**20,
@@ -217,18 +253,11 @@ def _measure(model, inputs, cfg, device, config, B, kept, weight_bytes, dtype, p
                 decode_bound=decode_bound(config, weight_bytes, kept, cfg.n_text, B, dtype))
 
 
-def _vision_ms(model, pixel_values, cfg, device) -> float:
-    """Median time of the vision tower and projector alone (the part of TTFT that pruning cannot shorten)."""
-    c = model.config
-    fn = lambda: model.model.get_image_features(pixel_values=pixel_values, vision_feature_layer=c.vision_feature_layer,
-                                                vision_feature_select_strategy=c.vision_feature_select_strategy)
-    return median(time_ms(fn, cfg.warmup, cfg.repeats, device))
-
-
 @torch.no_grad()
 def run_generate_bench(cfg: GenerateBenchConfig | None = None, log=print) -> dict:
     """TTFT and decode tokens/s of the unpatched model and of the patched one at every keep ratio, for every
-    batch of ``cfg``; JSON-ready dict (``rows``: ``pruned`` False for the unpatched baseline; ``goals``)."""
+    batch of ``cfg``, timed by the interleaved protocol of the module docstring (``timing`` in the result);
+    JSON-ready dict (``rows``: ``pruned`` False for the unpatched baseline; ``goals``)."""
     cfg = cfg or (GenerateBenchConfig() if run_mode() == "full" else GenerateBenchConfig.smoke())
     config = cfg.validate()
     device = torch.device(cfg.device) if cfg.device else default_device()
@@ -238,7 +267,8 @@ def run_generate_bench(cfg: GenerateBenchConfig | None = None, log=print) -> dic
     N = _n_visual(config)
     weights = [p for n, p in model.model.language_model.named_parameters() if "embed" not in n]
     weight_bytes = sum(p.numel() * p.element_size() for p in [*weights, model.lm_head.weight])
-    res = dict(device=device_name(device), torch=torch.__version__, mode=run_mode(), config=asdict(cfg),
+    res = dict(device=device_name(device), torch=torch.__version__, transformers=transformers.__version__,
+               mode=run_mode(), config=asdict(cfg), timing=timing_protocol(cfg, device),
                pruner="question-aware GumbelVisionPruner (text_dim = hidden size), top-k rule, random weights",
                n_visual=N, lm_weight_bytes=weight_bytes,
                flops_per_image=dict(vision=vision_flops(config)["total"], pruner=pruner_flops(
@@ -246,29 +276,44 @@ def run_generate_bench(cfg: GenerateBenchConfig | None = None, log=print) -> dic
                                                                                   N + cfg.n_text)["total"]),
                rows=[])
     log(f"{res['device']}: model built in {time.perf_counter() - t0:.1f} s")
+    inputs = {B: make_inputs(config, B, cfg.n_text, cfg.text_before, cfg.seed + B, device, dtype) for B in cfg.batches}
+    configs = [(B, r) for B in cfg.batches for r in (None, *cfg.ratios)]  # r None: the unpatched model
+    kept = {(B, r): N if r is None else kept_tokens(r, N, pruner.min_keep) for B, r in configs}
+    calls, repeats, warmup = {}, {}, {}
     for B in cfg.batches:
-        inputs = make_inputs(config, B, cfg.n_text, cfg.text_before, cfg.seed + B, device, dtype)
-        vision_ms = _vision_ms(model, inputs["pixel_values"], cfg, device)
-        base = _measure(model, inputs, cfg, device, config, B, N, weight_bytes, dtype, pruned=False)
-        base.update(keep_ratio=1.0, vision_ms=vision_ms, ttft_speedup=1.0, fraction_of_bound=1.0, decode_speedup=1.0)
-        res["rows"].append(base)
-        log(_fmt_row(base))
-        patch(model, pruner, ratio=1.0, rule="topk")
-        try:
-            for r in cfg.ratios:
-                model.vtp_ratio = r
-                row = _measure(model, inputs, cfg, device, config, B, kept_tokens(r, N, pruner.min_keep),
-                               weight_bytes, dtype, pruned=True)
-                row.update(keep_ratio=r, vision_ms=vision_ms, ttft_speedup=base["ttft_ms"] / row["ttft_ms"],
-                           decode_speedup=row["decode_tokens_per_s"] / base["decode_tokens_per_s"])
-                row["fraction_of_bound"] = row["ttft_speedup"] / row["pipeline_bound"]
-                res["rows"].append(row)
-                log(_fmt_row(row))
-        finally:
-            unpatch(model)
-        del inputs
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        unpatched = functools.partial(_configure, model, pruner, None)
+        calls["vision", B] = (unpatched, functools.partial(_image_features, model, inputs[B]["pixel_values"]))
+        repeats["vision", B], warmup["vision", B] = cfg.repeats, cfg.warmup
+    for B, r in configs:
+        setup = functools.partial(_configure, model, pruner, r)
+        calls["ttft", B, r] = (setup, functools.partial(generate, model, inputs[B], 1))
+        calls["long", B, r] = (setup, functools.partial(generate, model, inputs[B], 1 + cfg.decode_tokens))
+        repeats["ttft", B, r], warmup["ttft", B, r] = cfg.repeats, cfg.warmup
+        repeats["long", B, r], warmup["long", B, r] = cfg.decode_repeats, cfg.decode_warmup
+    try:
+        cache = {}
+        for B, r in configs:  # untimed: the prompt tokens in the KV cache after prefill
+            _configure(model, pruner, r)
+            cache[B, r] = _cache_length(model, inputs[B])
+        times = time_interleaved(calls, repeats, warmup, device, seed=cfg.seed, log=log)
+    finally:
+        _configure(model, pruner, None)
+    for B in cfg.batches:
+        vision_ms = median(times["vision", B])
+        base = None
+        for r in (None, *cfg.ratios):
+            row = _row(cfg, config, B, kept[B, r], times["ttft", B, r], times["long", B, r], cache[B, r],
+                       weight_bytes, dtype, pruned=r is not None)
+            base = base or row
+            row.update(keep_ratio=1.0 if r is None else r, vision_ms=vision_ms,
+                       ttft_speedup=base["ttft_ms"] / row["ttft_ms"],
+                       decode_speedup=row["decode_tokens_per_s"] / base["decode_tokens_per_s"])
+            row["fraction_of_bound"] = row["ttft_speedup"] / row["pipeline_bound"]
+            res["rows"].append(row)
+            log(_fmt_row(row))
+    del inputs
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     res["goals"], res["seconds"] = check_goals(res), time.perf_counter() - t0
     return res
 

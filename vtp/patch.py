@@ -28,8 +28,10 @@ Selection per image: top-k keeps exactly :math:`\max(\text{min\_keep}, \operator
 :math:`N` scorable tokens of each image. Only image tokens are pruned (a Qwen2-VL video's tokens are kept). A
 question-aware pruner gets the mean input embedding of its sample's question
 (:func:`vtp.selection.question_embedding`).
-``vtp.unpatch(model)`` restores the original methods. Tested: greedy decoding with the default dynamic cache; a
-static cache (4-D masks) raises; gradient checkpointing is not supported in train mode.
+An eval-mode prefill waits for the GPU three times (the visual positions, the images' sizes, the kept counts; the
+pruner's check of its validity mask aside), a decode step never. ``vtp.unpatch(model)`` restores the original
+methods. Tested: greedy decoding with the default dynamic cache; a static cache (4-D masks) raises; gradient
+checkpointing is not supported in train mode.
 """
 from __future__ import annotations
 
@@ -59,7 +61,12 @@ def kept_index(keep: torch.Tensor, left: bool) -> tuple[torch.Tensor, torch.Tens
     [B, K]. Samples that keep fewer than K are padded on the left (``left``, for left-padded prompts: the last
     column stays each sample's last token, which ``generate`` reads) or on the right."""
     lengths = keep.sum(-1)
-    K = int(lengths.max())
+    return _kept_index(keep, left, lengths, int(lengths.max()))
+
+
+def _kept_index(keep, left, lengths, K):
+    """:func:`kept_index` with the per-sample kept counts ``lengths`` [B] and their maximum ``K`` (a host int)
+    already known: no read-back to the host."""
     cols = torch.arange(K, device=keep.device)
     if left:  # stable ascending sort: dropped first, then the kept ones in order; the last K columns
         index = torch.argsort(keep.to(torch.int8), dim=-1, stable=True)[:, keep.shape[1] - K:]
@@ -99,6 +106,7 @@ class _Patch:
         self.newline = getattr(self.inner, "image_newline", None)  # LLaVA-NeXT
         self.saved = []  # (object, name, value in its __dict__ or None)
         self.call = None  # dict for the forward call under way
+        self.forward_signature = None  # the model's forward signature, read once (labels are found by binding)
 
     def wrap(self, obj, name, wrapper):
         self.saved.append((obj, name, obj.__dict__.get(name)))
@@ -173,7 +181,9 @@ def unpatch(model):
 def _model_forward(p, original, *args, **kwargs):
     """The model's ``forward``: in eval mode with ``labels``, the loss is computed on the kept positions (labels
     gathered like the tokens), with the model's own ``loss_function``."""
-    bound = inspect.signature(original).bind(*args, **kwargs)
+    if p.forward_signature is None:
+        p.forward_signature = inspect.signature(original)
+    bound = p.forward_signature.bind(*args, **kwargs)
     labels = bound.arguments.get("labels")
     p.call = {"labels": labels}
     try:
@@ -202,8 +212,8 @@ def _inner_forward(p, original, *args, **kwargs):
     state = p.model.vtp_last
     if past == 0:
         p.model.vtp_last = None  # a new sequence: forget the last prefill
-        visual = None if ids is None else ids == p.image_token_id
-        p.call["visual"] = visual if visual is not None and bool(visual.any()) else None
+        # whether the prompt holds any image token is known only at the prefill (one host read for all)
+        p.call["visual"] = None if ids is None else ids == p.image_token_id
     elif state is not None and state.index is not None and not p.model.training:
         p.call["decode"] = state
         if kwargs.get("position_ids") is None:
@@ -245,36 +255,46 @@ def _cache(kwargs):
     return kwargs.get("cache", kwargs.get("past_key_values"))  # transformers >= 5.2x renamed past_key_values
 
 
-def _images(visual, scorable, counts):
+def _images(visual, scorable, counts, b, l):
     """Scorable visual positions ``(b, l)`` with their image ``img`` and slot within the image: images come in
     prompt order (as the visual tokens were scattered in); their sizes are ``counts`` when known, else each run
-    of consecutive image tokens is one image."""
-    b, l = visual.nonzero(as_tuple=True)  # row-major: the order of masked_scatter
-    if counts is not None and sum(counts) == b.numel():
-        img = torch.repeat_interleave(torch.arange(len(counts), device=b.device), torch.tensor(counts, device=b.device))
+    of consecutive image tokens is one image. ``b, l`` are all visual positions (``visual.nonzero()``, row-major:
+    the order of masked_scatter); ``scorable`` ``None`` means every visual position is scorable.
+
+    One read-back to the host (the number of images and the largest image; with ``counts``, their copy to the device
+    too): the per-image counts are summed into a buffer of static size (there are at most as many images as visual
+    positions), not by ``bincount``, whose output size is read back from the device."""
+    size = b.numel()
+    if counts is not None and sum(counts) == size:
+        img = torch.repeat_interleave(torch.arange(len(counts), device=b.device), torch.tensor(counts, device=b.device),
+                                      output_size=size)
     else:
         start = visual & ~torch.nn.functional.pad(visual, (1, 0))[:, :-1]
         img = start[b, l].long().cumsum(0) - 1
-    n_images = int(img.max()) + 1
-    sc = scorable[b, l]
-    b, l, img = b[sc], l[sc], img[sc]
-    n = torch.bincount(img, minlength=n_images)
+    last = img.max() + 1
+    if scorable is not None:  # one index for the three (a boolean mask would read its size back three times)
+        kept = scorable[b, l].nonzero(as_tuple=True)[0]
+        b, l, img = b[kept], l[kept], img[kept]
+    n = torch.zeros(size, dtype=torch.long, device=img.device).index_add_(0, img, torch.ones_like(img))
+    n_images, n_max = torch.stack([last, n.max()]).tolist()
+    n = n[:n_images]
     slot = torch.arange(img.numel(), device=img.device) - (n.cumsum(0) - n)[img]
-    return b, l, img, slot, n_images, int(n.max())
+    return b, l, img, slot, n_images, n_max
 
 
-def _score(p, call, embeds, attention_mask):
-    """Score every image's visual tokens once; keep policy ``[B, L]`` (1 = text / kept) and the :class:`PatchState`."""
+def _score(p, call, embeds, attention_mask, b, l):
+    """Score every image's visual tokens (at ``b, l``) once; keep policy ``[B, L]`` (1 = text / kept) and the
+    :class:`PatchState`."""
     m = p.model
     B, L, d = embeds.shape
     visual = call["visual"]
-    scorable = visual
+    scorable = None
     if p.newline is not None:  # LLaVA-NeXT's image-newline embeddings: layout, never pruned
         scorable = visual & ~(embeds == p.newline.to(embeds.dtype)).all(-1)
-    b, l, img, slot, n_images, n_max = _images(visual, scorable, call.get("counts"))
+    b, l, img, slot, n_images, n_max = _images(visual, scorable, call.get("counts"), b, l)
     tokens = embeds.new_zeros(n_images, n_max, d).index_put((img, slot), embeds[b, l])
-    valid = torch.zeros(n_images, n_max, dtype=torch.bool, device=embeds.device).index_put((img, slot),
-                                                                                          torch.tensor(True))
+    valid = torch.zeros(n_images, n_max, dtype=torch.bool, device=embeds.device).index_put(
+        (img, slot), torch.ones((), dtype=torch.bool, device=embeds.device))  # a CPU value would be copied: a sync
     image_sample = torch.zeros(n_images, dtype=torch.long, device=embeds.device).index_put((img,), b)
     text = question_embedding(embeds, visual, attention_mask, call.get("labels"))[image_sample]
     out = select_visual(m.vtp_pruner, tokens, valid, text, ratio=check_ratio(m.vtp_ratio, "model.vtp_ratio"),
@@ -286,28 +306,39 @@ def _score(p, call, embeds, attention_mask):
 
 
 def _prefill(p, original, call, kwargs):
+    """A prefill with image tokens in ``input_ids``. Host reads (each one waits for the GPU): the visual
+    positions (``nonzero``), the number of images and the largest (:func:`_images`), the pruner's check of its
+    validity mask, and in eval mode one read of the kept counts (fewest, most) and of the padding side."""
     embeds, attn = kwargs["inputs_embeds"], kwargs.get("attention_mask")
+    b, l = call["visual"].nonzero(as_tuple=True)  # row-major: the order of masked_scatter
+    if b.numel() == 0:  # no image in the prompt: nothing to prune
+        return original(**kwargs)
     if attn is not None and attn.dim() != 2:
         raise ValueError(f"vtp.patch needs a 2-D attention mask (batch, seq), got shape {tuple(attn.shape)}")
-    keep, state = _score(p, call, embeds, attn)
+    keep, state = _score(p, call, embeds, attn, b, l)
     p.model.vtp_last = call["state"] = state
     if p.model.training:  # masking = removal: the policy-weighted attention, gradients to every decision
         with policy_attention(p.lm):
             return original(**kwargs, keep_policy=keep)
     keep = keep.bool()
-    if bool(keep.all()):
-        return original(**kwargs)
     B, L, d = embeds.shape
+    lengths = keep.sum(-1)
+    reads = [lengths.min(), lengths.max()] + ([] if attn is None else [attn[:, -1].all().long()])
+    fewest, K, *left = torch.stack(reads).tolist()  # one read-back for the three
+    if fewest == L:  # every token kept
+        return original(**kwargs)
     full = torch.ones(B, L, dtype=torch.long, device=embeds.device) if attn is None else attn
-    index, valid = kept_index(keep, left=bool(full[:, -1].all()))
+    index, valid = _kept_index(keep, bool(left[0]) if left else True, lengths, K)
     pos = kwargs.get("position_ids")
     pos = torch.arange(L, device=embeds.device) if pos is None else pos
     pos = pos.expand(*pos.shape[:-2], B, L)  # [B, L], or [3 or 4, B, L] with M-RoPE
     state.index, state.attention_mask = index, full.gather(1, index) * valid
     real = pos if pos.dim() == 2 else pos[-3:].amax(0)  # M-RoPE: decode positions continue after the largest
     state.next_position = real.masked_fill(full == 0, -1).amax(-1) + 1
+    # no padding and every sample keeps K: no mask, as generate passes for an unpadded prompt (an all-ones mask
+    # would cost the model a read-back to check it)
     kwargs.update(inputs_embeds=embeds.gather(1, index.unsqueeze(-1).expand(-1, -1, d)),
-                  attention_mask=state.attention_mask,
+                  attention_mask=None if attn is None and fewest == K else state.attention_mask,
                   position_ids=pos.gather(-1, index.expand(*pos.shape[:-2], -1, -1)))
     return original(**kwargs)
 

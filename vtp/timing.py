@@ -2,12 +2,16 @@ r"""How lesson 09's benchmarks read the clock (:mod:`vtp.benchmark`, :mod:`vtp.g
 
 :func:`time_ms` times calls with CUDA events on a GPU (the device synchronised before each call, so every call
 starts on an idle GPU) and with the host clock elsewhere; the benchmarks report the median and the interquartile
-range (:func:`iqr`). :func:`measure_roofline` measures this GPU's two ceilings, the bf16 matrix-product rate and the
-copy bandwidth. On a CPU the timings mean nothing for GPU inference; :data:`CPU_CAVEAT` says so in every report.
+range (:func:`iqr`). :func:`time_interleaved` compares several configurations fairly: every configuration is
+warmed up before any is timed (the first one timed would otherwise pay for the clock ramp, the allocator's growth
+and the libraries' kernel choices), then the timed calls are interleaved, round after round in a seeded random
+order, so that a drift of the clock or the temperature hits every configuration alike. :func:`measure_roofline`
+measures this GPU's two ceilings, the bf16 matrix-product rate and the copy bandwidth. On a CPU the timings mean nothing for GPU inference; :data:`CPU_CAVEAT` says so in every report.
 """
 from __future__ import annotations
 
 import json
+import random
 import time
 from pathlib import Path
 from statistics import median, quantiles
@@ -17,7 +21,7 @@ import torch
 from .prefill_paths import _pos_int
 from .runtime import default_device
 
-__all__ = ["time_ms", "iqr", "rel_err", "measure_roofline", "CPU_CAVEAT", "write_results"]
+__all__ = ["time_ms", "time_interleaved", "iqr", "rel_err", "measure_roofline", "CPU_CAVEAT", "write_results"]
 
 CPU_CAVEAT = ("NOTE: timed on a CPU. These timings are not meaningful for GPU inference (no CUDA graphs, other "
               "kernels, other bottlenecks): the speedups, bounds and goals describe this CPU run only. Lesson 09's "
@@ -44,6 +48,41 @@ def time_ms(fn, warmup: int = 3, repeats: int = 20, device=None) -> list[float]:
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end))
+    return times
+
+
+def time_interleaved(calls: dict, repeats, warmup=1, device=None, seed: int = 0, log=None) -> dict:
+    """Times in ms of the configurations ``calls`` = ``{key: fn}`` or ``{key: (setup, fn)}`` (``setup()``, not
+    timed, puts the model in the configuration before each call), measured against each other: first ``warmup``
+    untimed calls of every configuration, then ``max(repeats)`` rounds, each timing every configuration once
+    (:func:`time_ms`, one call) in an order shuffled with ``seed``. ``repeats`` and ``warmup`` are ints or
+    ``{key: int}``; a configuration timed fewer times than there are rounds is timed in rounds spread evenly
+    over them. Returns ``{key: [ms, ...]}`` (in the order of the rounds)."""
+    if not calls:
+        raise ValueError("calls must not be empty")
+    pairs = {k: v if isinstance(v, tuple) else (None, v) for k, v in calls.items()}
+    per = lambda x, name, low: {k: _pos_int(x[k] if isinstance(x, dict) else x, name, low) for k in pairs}
+    repeats, warmup = per(repeats, "repeats", 1), per(warmup, "warmup", 0)
+    rounds = max(repeats.values())
+    timed_in = {k: {j * rounds // n for j in range(n)} for k, n in repeats.items()}  # n distinct rounds of `rounds`
+
+    def call(key):
+        setup, fn = pairs[key]
+        if setup is not None:
+            setup()
+        return fn
+
+    for k in pairs:
+        for _ in range(warmup[k]):
+            call(k)()
+    if log:
+        log(f"warm-up done: {sum(warmup.values())} untimed calls; timing {rounds} interleaved rounds")
+    rng, times = random.Random(seed), {k: [] for k in pairs}
+    for r in range(rounds):
+        keys = [k for k in pairs if r in timed_in[k]]
+        rng.shuffle(keys)
+        for k in keys:
+            times[k].append(time_ms(call(k), 0, 1, device)[0])
     return times
 
 
