@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from vtp.baselines import fastv_scores
+from vtp.baselines import VisionZip, fastv_scores
 from vtp.controls import FrozenSelector, load_student
 from vtp.evaluate import accuracy
 from vtp.pruner import GumbelVisionPruner
@@ -35,7 +35,7 @@ def _lm_state(vlm):
     return {k: v.detach().clone() for k, v in vlm.llava.state_dict().items()}
 
 
-@pytest.mark.parametrize("selector", ["untrained", "fastv", "random"])
+@pytest.mark.parametrize("selector", ["untrained", "fastv", "random", "visionzip"])
 def test_control_trains_the_same_lm_steps_and_keeps_its_selection_frozen(teacher, selector):
     model, proc = teacher
     learned, h_learned = train_pruner(model, proc, _cfg())
@@ -83,13 +83,13 @@ def test_selector_needs_matching_student_and_frozen_vision(teacher):
         train_pruner(model, proc, _cfg(steps=3, adapt_steps=2, eval_every=0), student=student)
 
 
-@pytest.mark.parametrize("kind", ["fastv", "random", "untrained"])
+@pytest.mark.parametrize("kind", ["fastv", "random", "untrained", "visionzip"])
 @pytest.mark.parametrize("ratio", [1 / 16, 0.25, 7 / 16, 1.0])
 def test_frozen_selections_keep_exactly_the_budget(teacher, kind, ratio):
     model, _ = teacher
     ref = PrunedVLM(model)
     scorer = GumbelVisionPruner(64, text_dim=64) if kind == "untrained" else None
-    sel = FrozenSelector(kind, 0.5, scorer=scorer, reference=ref if kind == "fastv" else None, seed=3)
+    sel = FrozenSelector(kind, 0.5, scorer=scorer, reference=ref if kind in ("fastv", "visionzip") else None, seed=3)
     vlm = PrunedVLM(copy.deepcopy(model), sel).train()  # training mode too: a frozen selection is top-k always
     ids, px, mask, labels = _batch()
     out = vlm(ids, px, mask, labels, mode="policy", ratio=ratio, rule="topk")
@@ -117,6 +117,31 @@ def test_fastv_selection_reads_the_frozen_teacher(teacher):
     # deepcopy shares the frozen reference and keeps it out of the state dict
     clone = copy.deepcopy(vlm)
     assert clone.pruner.reference is ref and not any(k.startswith("pruner.") for k in vlm.state_dict())
+
+
+def test_visionzip_selection_is_the_frozen_towers_visionzip_mask_per_image(teacher):
+    model, _ = teacher
+    ref = PrunedVLM(model).eval()
+    student = copy.deepcopy(model)
+    with torch.no_grad():  # the adapted language model drifts; the selection reads the frozen tower only
+        for p in student.model.language_model.parameters():
+            p.add_(torch.randn_like(p))
+    vlm = PrunedVLM(student, FrozenSelector("visionzip", 0.25, reference=ref)).eval()
+    ids, px, mask, labels = _batch()
+    keep, _ = VisionZip(0.25, merge=False).select(px, ref)  # dominant + contextual positions, no merging
+    out = vlm(ids, px, mask, labels, ratio=0.25)
+    assert torch.equal(out.visual_keep, keep) and out.n_visual.tolist() == [4] * 3
+    # several questions per image: sample b gets the mask of image image_index[b]
+    index = torch.tensor([2, 0, 2])
+    shared = vlm(ids, px, mask, labels, ratio=0.25, image_index=index)
+    assert torch.equal(shared.visual_keep, keep[index])
+    # the same selection at another budget; the features are not merged (a selection, not VisionZip's merging)
+    assert torch.equal(vlm(ids, px, mask, labels, ratio=0.5).visual_keep, VisionZip(0.5, merge=False).select(px, ref)[0])
+    assert model.model.multi_modal_projector._forward_pre_hooks == {}
+    with pytest.raises(ValueError, match="scores"):
+        vlm.pruner.scores(torch.zeros(3, 16, 64))
+    with pytest.raises(ValueError, match="reference"):
+        FrozenSelector("visionzip")
 
 
 def test_random_selection_draws_fresh_masks_from_its_seed():

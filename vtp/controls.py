@@ -19,13 +19,15 @@ import copy
 import torch
 from torch import nn
 
-from .baselines import fastv_scores
+from .baselines import VisionZip, fastv_scores
 from .pruner import PrunerOutput, check_ratio, topk_keep_mask
 
-__all__ = ["SELECTORS", "FrozenSelector", "train_and_evaluate", "evaluate_training_free", "lesson07_job",
+__all__ = ["SELECTORS", "REFERENCE_SELECTORS", "FrozenSelector", "train_and_evaluate", "evaluate_training_free", "lesson07_job",
            "load_student"]
 
-SELECTORS = ("untrained", "fastv", "random")
+SELECTORS = ("untrained", "fastv", "random", "visionzip")
+#: the selections that read the frozen teacher (``reference``)
+REFERENCE_SELECTORS = ("fastv", "visionzip")
 
 
 class FrozenSelector(nn.Module):
@@ -39,10 +41,16 @@ class FrozenSelector(nn.Module):
     * ``"fastv"``: :func:`vtp.baselines.fastv_scores` of ``reference``, the frozen unpruned teacher (a
       :class:`vtp.PrunedVLM`), on the sample's own prompt and visual tokens: the scores never follow the
       language model being adapted;
-    * ``"random"``: uniform scores, a fresh draw per call from a CPU generator seeded with ``seed``.
+    * ``"random"``: uniform scores, a fresh draw per call from a CPU generator seeded with ``seed``;
+    * ``"visionzip"``: the VisionZip-style selection of ``reference``'s frozen vision tower
+      (:meth:`vtp.baselines.VisionZip.select`: the dominant tokens by [CLS] attention, then the contextual
+      targets spread over the rest) at the requested budget, question-blind. A selection only: the contextual
+      tokens are kept as they are, not merged with the tokens assigned to them (merging rewrites features; a
+      frozen selection in the pruner's slot only chooses). Its budget is the same :math:`k`.
 
     ``forward`` takes the pruner's arguments plus ``prompt``: a dict with ``input_ids``, ``attention_mask``,
-    ``labels`` and ``visual_tokens``, which :class:`vtp.PrunedVLM` passes because ``reads_prompt`` is true. It
+    ``labels``, ``visual_tokens``, ``pixel_values`` and ``image_index``, which :class:`vtp.PrunedVLM` passes
+    because ``reads_prompt`` is true. It
     returns a :class:`vtp.PrunerOutput` whose ``keep_prob`` is the 0/1 mask itself (a deterministic selection
     keeps a token with probability 0 or 1) and whose ``logits`` are ``None``. Only the top-k rule exists
     (``rule`` ``"topk"`` or ``None``): without keep probabilities there is no threshold. ``copy.deepcopy``
@@ -59,9 +67,9 @@ class FrozenSelector(nn.Module):
             raise ValueError(f"kind must be one of {SELECTORS}, got {kind!r}")
         if (kind == "untrained") != (scorer is not None):
             raise ValueError(f"scorer must be given for kind='untrained' and only then (kind={kind!r})")
-        if (kind == "fastv") != (reference is not None):
-            raise ValueError(f"reference (the frozen teacher, a PrunedVLM) must be given for kind='fastv' and only "
-                             f"then (kind={kind!r})")
+        if (kind in REFERENCE_SELECTORS) != (reference is not None):
+            raise ValueError(f"reference (the frozen teacher, a PrunedVLM) must be given for kind in "
+                             f"{REFERENCE_SELECTORS} and only then (kind={kind!r})")
         self.kind, self.ratio, self.seed, self.layer = kind, check_ratio(ratio), seed, layer
         self.scorer = scorer.requires_grad_(False).eval() if scorer is not None else None
         if reference is not None:
@@ -72,7 +80,8 @@ class FrozenSelector(nn.Module):
 
     @property
     def reference(self):
-        """The frozen model whose attention the FastV-style selection reads (``None`` otherwise)."""
+        """The frozen model whose attention the FastV-style or VisionZip-style selection reads (``None``
+        otherwise)."""
         return self._reference[0]
 
     def __deepcopy__(self, memo):
@@ -92,8 +101,11 @@ class FrozenSelector(nn.Module):
 
     @torch.no_grad()
     def scores(self, tokens: torch.Tensor, text: torch.Tensor | None = None, prompt: dict | None = None):
-        """Scores [B, N] of the visual ``tokens`` [B, N, d]: the higher, the earlier kept."""
+        """Scores [B, N] of the visual ``tokens`` [B, N, d]: the higher, the earlier kept. (A VisionZip-style
+        selection has no scores, only a mask per budget: :meth:`forward`.)"""
         B, N = tokens.shape[:2]
+        if self.kind == "visionzip":
+            raise ValueError("a VisionZip-style selection has no scores: call the selector with a ratio")
         if self.kind == "random":
             return torch.rand(B, N, generator=self.generator).to(tokens.device)
         if self.kind == "untrained":
@@ -108,8 +120,24 @@ class FrozenSelector(nn.Module):
         """Top-k keep mask [B, N] of :meth:`scores` at ``ratio`` (default ``self.ratio``); ``tau`` is ignored."""
         if rule not in (None, "topk"):
             raise ValueError(f"rule must be 'topk' or None for a frozen {self.kind!r} selection, got {rule!r}")
-        mask = topk_keep_mask(self.scores(tokens, text, prompt), self.ratio if ratio is None else ratio, valid_mask)
+        ratio = self.ratio if ratio is None else ratio
+        if self.kind == "visionzip":
+            mask = self._visionzip_mask(tokens, ratio, prompt)
+        else:
+            mask = topk_keep_mask(self.scores(tokens, text, prompt), ratio, valid_mask)
         return PrunerOutput(mask, None, mask)
+
+    @torch.no_grad()
+    def _visionzip_mask(self, tokens: torch.Tensor, ratio: float, prompt: dict | None) -> torch.Tensor:
+        """Keep mask [B, N] of the VisionZip-style selection of the prompt's images, one row per sample."""
+        if prompt is None or prompt.get("pixel_values") is None:
+            raise ValueError("a VisionZip-style selection needs prompt['pixel_values'] (the images)")
+        keep, _ = VisionZip(ratio, merge=False).select(prompt["pixel_values"], self.reference)
+        index = prompt.get("image_index")
+        keep = keep if index is None else keep[index]
+        if keep.shape != tokens.shape[:2]:
+            raise ValueError(f"the images give keep masks {tuple(keep.shape)}, the tokens need {tuple(tokens.shape[:2])}")
+        return keep.to(tokens.device)
 
 
 # ----------------------------------------------------------------------------------------------------------

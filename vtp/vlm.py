@@ -209,7 +209,8 @@ class PrunedVLM(nn.Module):
     def _keep_mask(self, tokens, keep, scores, ratio, rule, tau, mode, text=None, prompt=None):
         """Visual keep mask [B, N] from (in order of precedence) ``keep``, ``scores`` or the pruner. A pruner
         with ``reads_prompt`` (e.g. :class:`vtp.controls.FrozenSelector`'s FastV-style selection) also gets
-        ``prompt()``: the sample's ``input_ids``, ``attention_mask``, ``labels`` and ``visual_tokens``."""
+        ``prompt()``: the sample's ``input_ids``, ``attention_mask``, ``labels`` and ``visual_tokens``, and the
+        batch's ``pixel_values`` and ``image_index`` (a VisionZip-style selection reads the images)."""
         B, N = tokens.shape[:2]
         for name, t in (("keep", keep), ("scores", scores)):
             if t is not None and tuple(t.shape) != (B, N):
@@ -249,7 +250,8 @@ class PrunedVLM(nn.Module):
         vkeep, keep_prob, pruner_logits = self._keep_mask(
             tokens, keep, scores, ratio, rule, tau, mode,
             text=lambda: self.question_embedding(embeds, visual_mask, attention_mask, labels),
-            prompt=lambda: dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels, visual_tokens=tokens))
+            prompt=lambda: dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels, visual_tokens=tokens,
+                                pixel_values=pixel_values, image_index=image_index))
         if mode == "zero":
             tokens = tokens * vkeep.unsqueeze(-1).to(tokens.dtype)
         embeds = embeds.masked_scatter(visual_mask.unsqueeze(-1), tokens.to(embeds.dtype))

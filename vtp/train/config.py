@@ -203,13 +203,20 @@ class PrunerConfig:
     loss on the answer: CE + distillation, data order, teacher, seed, budgets, validations and best-state
     selection) behind a FROZEN selection, :class:`vtp.controls.FrozenSelector` in the pruner's slot:
     ``"untrained"`` (the scorer of the same seed at its random initialisation, i.e. the learned pruner's step
-    0, never updated), ``"fastv"`` (the frozen teacher's FastV-style attention scores) or ``"random"``
-    (uniform scores, a fresh draw per batch). A control never trains its selection: no pruner gradient, no
+    0, never updated), ``"fastv"`` (the frozen teacher's FastV-style attention scores), ``"random"``
+    (uniform scores, a fresh draw per batch) or ``"visionzip"`` (the frozen teacher's VisionZip-style selection,
+    without merging; lesson 11). A control never trains its selection: no pruner gradient, no
     sparsity, binarization or controller term (they act on the selection only). In phase 1, where the learned
     pruner samples Gumbel masks whose keep ratio follows the curriculum :math:`\rho_t`, the control's
     language model sees its selector's top-k mask at :math:`\rho_t`; in phase 2 both see top-k at the cycled
     budgets, and evaluation applies the same selection at the requested ratio. Controls need
     ``vision_lr`` = 0 (frozen visual tokens, so the selection stays fixed) and ``eval_rule`` = ``"topk"``.
+
+    ``time_budget_s`` (``None``: no limit) is a guard, not a schedule: once the run's training time (both phases,
+    validations included) reaches it, phase 2 stops before its next step, validates (with ``eval_every`` > 0) and
+    ends in its best validated state as usual; ``history["stopped_early"]`` is the (global) step it stopped at,
+    ``None`` when every step ran. Phase 1 always runs to its end (its temperature, sparsity and ratio schedules are
+    defined over its steps). Runs compared at equal steps must check that neither stopped early.
     """
 
     target_ratio: float = 0.25
@@ -255,6 +262,7 @@ class PrunerConfig:
     log_every: int = 5
     seed: int = 0
     bf16: bool = True
+    time_budget_s: float | None = None
 
     def __post_init__(self):
         check_ratio(self.target_ratio, "target_ratio")
@@ -291,6 +299,8 @@ class PrunerConfig:
         if self.loss_form not in LOSS_FORMS:
             raise ValueError(f"loss_form must be one of {LOSS_FORMS}, got {self.loss_form!r}")
         _check_choice(self, "selector", ("learned",) + SELECTORS)
+        if self.time_budget_s is not None:
+            _check_number(self, "time_budget_s", open_low=True)
         if self.selector != "learned" and (self.vision_lr != 0 or self.eval_rule != "topk"):
             raise ValueError(f"selector={self.selector!r} (a frozen control) needs vision_lr=0 and eval_rule='topk', "
                              f"got vision_lr={self.vision_lr}, eval_rule={self.eval_rule!r}")

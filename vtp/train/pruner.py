@@ -89,6 +89,7 @@ class _Run:
     eval_every: int  # cfg.eval_every, or 0 when there is nothing to validate on
     validate: object = None
     save: object = None
+    out_of_time: object = lambda: False  # cfg.time_budget_s's guard: True once the run's training time reaches it
 
 
 def _inputs(batch: dict):
@@ -245,6 +246,11 @@ def _adapt_to_rule(run: _Run, start: int, warmup: int, first: int = 0) -> None:
     bar = progress(range(first, cfg.adapt_steps), desc=f"adapt @ {'/'.join(f'{r:g}' for r in budgets)}", leave=False,
                    disable=not distributed.is_main())
     for i in bar:
+        if run.out_of_time():  # the time guard: stop before step i, validate the state reached, keep the best
+            run.history["stopped_early"] = start + i
+            if run.eval_every and i % run.eval_every:
+                _adapt_validate(run, start + i, train_pruner_too)
+            break
         target = budgets[(i + i // len(budgets)) % len(budgets)]  # block b of the cycle: rotated by b
         f = lr_factor(cfg, i, (i, cfg.adapt_steps), warmup)
         set_lr(run.opt, bases, f)  # frozen parameters get no gradient, so AdamW leaves them alone
@@ -342,7 +348,8 @@ def train_pruner(teacher, processor: VQAProcessor | None = None, cfg: PrunerConf
     loss component, ``keep_ratio`` = the training mask's, ``keep_prob``, ``saturated`` = share of keep
     probabilities outside [0.01, 0.99], ``train_acc``, ``mask_binary``), ``val`` (dicts: step, ``phase`` "gumbel"
     or "adapt", ``rule``, accuracy, keep ratio; with phase 2, phase 1 ends with a ``rule="sample"`` one),
-    ``adapt`` (phase 2's log), ``train_time_s``, ``device``, ``config``. ``callback(step, history)`` follows each
+    ``adapt`` (phase 2's log), ``train_time_s``, ``device``, ``config``, ``stopped_early`` (the step at which
+    ``cfg.time_budget_s`` stopped phase 2, ``None`` when every step ran). ``callback(step, history)`` follows each
     validation. ``student`` (a trained :class:`PrunedVLM`) skips phase 1: a copy of it goes through phase 2 only,
     with a fresh optimizer warmed up over ``warmup_steps``. ``checkpoint`` (a file) makes the run resumable
     (saved every ``checkpoint_every`` steps and at the end; an existing file is continued, same ``cfg``
@@ -373,6 +380,9 @@ def train_pruner(teacher, processor: VQAProcessor | None = None, cfg: PrunerConf
             save_run(checkpoint, cfg, run.device, step_done, elapsed + time.perf_counter() - start, run.history, **state)
 
     run.save, run.validate = save, functools.partial(_validate, run, val_data, processor, callback)
+    if cfg.time_budget_s is not None:  # training time so far (`start` moves past the phase1_end hook); rank 0's clock
+        run.out_of_time = lambda: distributed.broadcast_float(elapsed + time.perf_counter() - start) >= cfg.time_budget_s
+    run.history.setdefault("stopped_early", None)
     run.net = distributed.wrap(run.vlm)  # DistributedDataParallel under torchrun: gradients averaged over the ranks
     run.vlm.train()
     run.vlm.llava.model.vision_tower.eval()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 
-from ..controls import FrozenSelector
+from ..controls import REFERENCE_SELECTORS, FrozenSelector
 from ..pruner import GumbelVisionPruner
 from ..vlm import PrunedVLM
 from .config import PrunerConfig
@@ -35,7 +35,7 @@ def _student(teacher, cfg: PrunerConfig):
                                 sampler=cfg.sampler, norm=cfg.pruner_norm, text_dim=hidden if cfg.question_aware else None)
     if cfg.selector != "learned":  # an adapted control: a frozen selection in the pruner's slot
         pruner = FrozenSelector(cfg.selector, cfg.target_ratio, scorer=pruner if cfg.selector == "untrained" else None,
-                                reference=PrunedVLM(teacher) if cfg.selector == "fastv" else None, seed=cfg.seed)
+                                reference=PrunedVLM(teacher) if cfg.selector in REFERENCE_SELECTORS else None, seed=cfg.seed)
     return PrunedVLM(student, pruner.to(next(student.parameters()).device))
 
 
