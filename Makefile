@@ -12,7 +12,10 @@ HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/
 TORCH_SPEC := $(if $(HAS_GPU),$(TORCH_GPU),$(TORCH_CPU))
 PIP_TORCH_ARGS := $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL),)
 NBVAL := --nbval-lax --nbval-current-env --sanitize-with tests/nbval_sanitize.cfg
-AFTER_06 := notebooks/07_train_pruner.ipynb notebooks/08_why_accuracy_drops.ipynb
+# lessons that load a teacher another lesson saves: 07 and 08 load lesson 06's (checkpoints/teacher_<mode>), 11
+# loads lesson 10's scenes teacher (checkpoints/scenes_teacher_<mode>); they run in the second call, after the
+# first has run 06 and 10 (in one call 10 and 11 could both find no checkpoint and both train it)
+AFTER_06 := notebooks/07_train_pruner.ipynb notebooks/08_why_accuracy_drops.ipynb notebooks/11_pruning_at_576.ipynb
 export VTP_PROGRESS ?= 0
 # JupyterLab: port, address, and the git-ignored working copy of notebooks/ it opens (the committed lessons and
 # their outputs stay untouched). As root (most containers) JupyterLab needs --allow-root; a normal user does not.
@@ -51,7 +54,8 @@ notebooks: setup
 	# one thread per notebook kernel: two kernels with two threads each on two cores spin against each other
 	# (measured: a 40-step teacher run took 20 s instead of 1.6 s)
 	# lessons 07 and 08 load the teacher that lesson 06 saves (checkpoints/teacher_<mode>): they run after it, never
-	# beside it (lesson 06 could replace the checkpoint between a lesson's loading it and its jobs' loading it)
+	# beside it (lesson 06 could replace the checkpoint between a lesson's loading it and its jobs' loading it);
+	# lesson 11 likewise runs after lesson 10, which saves the scenes teacher it loads
 	OMP_NUM_THREADS=1 MPLBACKEND=agg $(PY) -m pytest -q -p no:cacheprovider -n 2 --dist loadscope $(NBVAL) \
 		$(filter-out $(AFTER_06),$(wildcard notebooks/*.ipynb))
 	OMP_NUM_THREADS=1 MPLBACKEND=agg $(PY) -m pytest -q -p no:cacheprovider -n 2 --dist loadscope $(NBVAL) $(AFTER_06)

@@ -1,0 +1,149 @@
+"""results/11_pruning_at_576.json (written by lesson 11's full run): the ``summary`` object's exact schema, checked
+on synthetic per-run results (always) and on the committed file (when the full run has written it); the goals and
+paired differences recomputed from the rows; and lesson 11's prose free of typed measured numbers."""
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+
+from vtp import scene_pruning as sp
+from vtp.stats import paired_effect
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "results" / "11_pruning_at_576.json"
+NOTEBOOK = ROOT / "notebooks" / "11_pruning_at_576.ipynb"
+N_TEST = 10_080
+
+
+def _synthetic(n=N_TEST, seeds=3):
+    """Per-run accuracies as the notebook passes them to build_summary: counts out of ``n`` questions."""
+    frac = lambda count: count / n  # noqa: E731
+    trained = {m: {b: [frac(n // 2 + 10 * i + j) for j in range(seeds)] for i, b in enumerate(sp.BUDGETS)}
+               for m in ("learned", "adapted_control", "adapted_peer")}
+    peers = {"random": {b: [frac(n // 3 + j) for j in range(seeds)] for b in sp.BUDGETS},
+             **{m: {b: [frac(n // 4 + k)] for b in sp.BUDGETS} for k, m in enumerate(("fastv", "visionzip",
+                                                                                        "evidence_oracle"))}}
+    return trained, peers
+
+
+def test_build_summary_has_exactly_the_schema():
+    trained, peers = _synthetic()
+    s = sp.build_summary(576, 7000 / N_TEST, 540.0, trained, peers)
+    assert list(s) == ["visual_tokens", "teacher_accuracy", "teacher_train_s", "budgets"]
+    assert s["visual_tokens"] == 576 and isinstance(s["teacher_train_s"], float)
+    assert list(s["budgets"]) == ["192", "128", "64"]
+    for b, row in s["budgets"].items():
+        assert list(row) == ["learned", "adapted_control", "adapted_peer", "random", "fastv", "visionzip",
+                             "evidence_oracle"]
+        assert all(isinstance(row[m], list) and len(row[m]) == 3 for m in ("learned", "adapted_control", "adapted_peer"))
+        assert row["random"] == pytest.approx(sum(peers["random"][b]) / 3)  # the mean of three draws
+        assert all(isinstance(row[m], float) for m in ("random", "fastv", "visionzip", "evidence_oracle"))
+    sp.check_summary(s, visual_tokens=576, n_questions=N_TEST)
+    json.loads(json.dumps(s))  # JSON-ready
+    # a smoke run writes the same structure (its own token count and questions)
+    trained, peers = _synthetic(n=600)
+    sp.check_summary(sp.build_summary(16, 0.5, 25.0, trained, peers), visual_tokens=16, n_questions=600)
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda s: s.pop("teacher_train_s"), "exactly"),
+    (lambda s: s.update(extra=1), "exactly"),
+    (lambda s: s["budgets"].pop("64"), "budgets"),
+    (lambda s: s["budgets"]["64"]["learned"].pop(), "3 accuracies"),
+    (lambda s: s["budgets"]["128"].update(learned_alone=0.5), "exactly the keys"),
+    (lambda s: s["budgets"]["192"].update(fastv=1.2), "accuracy"),
+    (lambda s: s["budgets"]["192"].update(visionzip=1), "accuracy"),  # an int is not a fraction
+    (lambda s: s.update(visual_tokens=64), "576"),
+    (lambda s: s["budgets"]["64"]["adapted_control"].__setitem__(0, 0.5 + 0.3 / N_TEST), "10080 questions"),
+])
+def test_check_summary_rejects(edit, match):
+    trained, peers = _synthetic()
+    s = sp.build_summary(576, 7000 / N_TEST, 540.0, trained, peers)
+    edit(s)
+    with pytest.raises(ValueError, match=match):
+        sp.check_summary(s, visual_tokens=576, n_questions=N_TEST)
+
+
+def test_adapted_peer_may_be_one_number():
+    trained, peers = _synthetic()
+    s = sp.build_summary(576, 0.7, 540.0, trained, peers)
+    s["budgets"]["64"]["adapted_peer"] = 0.5
+    sp.check_summary(s)
+
+
+def test_goals_from_a_summary():
+    trained, peers = _synthetic()
+    s = sp.build_summary(576, 0.8, 540.0, trained, peers)
+    row = s["budgets"]["64"]
+    row.update(learned=[0.79, 0.795, 0.8], adapted_control=[0.7] * 3, adapted_peer=[0.75] * 3, visionzip=0.76,
+               fastv=0.6, random=0.65)
+    g = {x["goal"].split(" >=")[0].split(" at least")[0]: x for x in sp.goals(s)}
+    ret = g["worst-seed retention at 64/576"]
+    assert ret["measured"] == pytest.approx(0.79 / 0.8) and ret["met"] and ret["missed_by"] == 0
+    margin = g["learned mean minus the best control or peer at 64/576"]
+    assert margin["best_of"] == "visionzip" and margin["measured"] == pytest.approx(0.795 - 0.76) and margin["met"]
+    rand = g["random at 64/576"]
+    assert rand["measured"] == pytest.approx(0.15) and rand["met"]
+    row["visionzip"] = 0.78
+    margin = next(x for x in sp.goals(s) if "best_of" in x)
+    assert not margin["met"] and margin["missed_by"] == pytest.approx(0.03 - 0.015)
+
+
+def check_results(r: dict) -> None:
+    """AssertionError / ValueError unless ``r`` is a complete lesson-11 results file whose numbers agree."""
+    assert r["lesson"] == "11" and r["mode"] == "full" and isinstance(r["device"], str) and r["device"]
+    assert re.fullmatch(r"[0-9a-f]{64}", r["teacher_sha256"])
+    assert r["test_questions"] == N_TEST and len(r["seeds"]) == 3
+    s = r["summary"]
+    sp.check_summary(s, visual_tokens=576, n_questions=N_TEST)
+    rows = r["rows"]
+    for b, row in s["budgets"].items():
+        for m in ("learned", "adapted_control", "adapted_peer"):
+            assert rows[m]["accuracy"][b] == pytest.approx(row[m] if isinstance(row[m], list) else [row[m]])
+        for m in ("fastv", "visionzip", "evidence_oracle", "random"):
+            acc = rows[m]["accuracy"][b]
+            assert row[m] == pytest.approx(sum(acc) / len(acc))
+        for c in ("adapted_control", "adapted_peer"):  # paired differences learned - control, recomputed
+            e, ref = r["paired_learned_minus"][b][c], paired_effect(row["learned"], row[c])
+            assert e["per_seed"] == pytest.approx(ref["per_seed"]) and e["ci95"] == pytest.approx(ref["ci95"])
+    assert r["control_peer"] in ("visionzip", "fastv")
+    goals = {g["goal"]: g for g in r["goals"]}
+    for g in sp.goals(s):
+        assert goals[g["goal"]]["measured"] == pytest.approx(g["measured"]) and goals[g["goal"]]["met"] == g["met"]
+    assert math.isfinite(r["notebook_time_s"]) and r["notebook_time_s"] > 0
+
+
+def test_committed_results_11():
+    if not RESULTS.exists():
+        pytest.skip("results/11_pruning_at_576.json is written by lesson 11's full run on a GPU, not run yet")
+    check_results(json.loads(RESULTS.read_text()))
+
+
+# Lesson 11's markdown may contain settings, targets and exercise inputs, never a measured number (those are
+# rendered by its code cells from the run).
+# ("1.5": LLaVA-1.5; "32": float32; "256": SHA-256; "1/2": FastV's title; 2412.04467: an arXiv id)
+ALLOWED_NUMBERS = {"11", "07", "10", "0", "1", "2", "3", "4", "5", "24", "64", "128", "192", "576", "0.1", "95", "98",
+                   "99", "99.5", "2017", "2021", "2024", "2025", "1.5", "32", "256", "2412.04467", "1/2", "64/576",
+                   "128/576", "192/576"}
+
+
+def test_lesson_11_prose_has_no_typed_measurements():
+    nb = json.loads(NOTEBOOK.read_text())
+    for i, cell in enumerate(nb["cells"]):
+        if cell["cell_type"] != "markdown":
+            continue
+        text = re.sub(r"\$[^$]*\$", " ", "".join(cell["source"]))  # formulas: symbols, not measurements
+        text = re.sub(r"`[^`]*`", " ", text)  # code names
+        numbers = set(re.findall(r"\d+(?:[.,/]\d+)*", text))
+        assert numbers <= ALLOWED_NUMBERS, f"cell {i}: numbers typed in prose {sorted(numbers - ALLOWED_NUMBERS)}"
+        assert len(text.split()) <= 320, f"cell {i}: {len(text.split())} words (split it)"
+
+
+def test_lesson_11_is_committed_without_outputs_until_its_gpu_run():
+    nb = json.loads(NOTEBOOK.read_text())
+    code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+    if RESULTS.exists():
+        pytest.skip("the full run has written its results: the notebook carries that run's outputs")
+    assert all(c["outputs"] == [] and c["execution_count"] is None for c in code)
