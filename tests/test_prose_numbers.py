@@ -53,6 +53,20 @@ def typed_measurements(text: str, lesson: str) -> list[str]:
     return found
 
 
+def strict_prose_problems(path: Path, allowed: set, max_words: int = 320) -> list[str]:
+    """The strict scan of the GPU lessons' markdown: outside formulas and code names, every number must be in
+    ``allowed`` (budgets, step counts, lesson numbers: never a measurement), and no cell is over ``max_words``."""
+    problems = []
+    for i, text in _markdown_cells(path):
+        text = re.sub(r"`[^`]*`", " ", re.sub(r"\$[^$]*\$", " ", text))  # formulas and code: symbols, not measurements
+        numbers = set(re.findall(r"\d+(?:[.,/]\d+)*", text))
+        if not numbers <= allowed:
+            problems.append(f"cell {i}: numbers typed in prose {sorted(numbers - allowed)}")
+        if len(text.split()) > max_words:
+            problems.append(f"cell {i}: {len(text.split())} words (split it)")
+    return problems
+
+
 def _markdown_cells(path: Path) -> list[tuple[int, str]]:
     cells = json.loads(path.read_text(encoding="utf-8"))["cells"]
     return [(i, "".join(c["source"])) for i, c in enumerate(cells) if c["cell_type"] == "markdown"]

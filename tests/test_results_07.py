@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 
 import pytest
+from test_prose_numbers import strict_prose_problems
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "results" / "07_train_pruner.json"
@@ -142,15 +143,7 @@ ALLOWED_NUMBERS = {"07", "0", "0.1", "0.5", "1", "1.0", "2", "3", "4", "5", "6",
 
 
 def test_lesson_07_prose_has_no_typed_measurements():
-    nb = json.loads((ROOT / "notebooks" / "07_train_pruner.ipynb").read_text())
-    for i, cell in enumerate(nb["cells"]):
-        if cell["cell_type"] != "markdown":
-            continue
-        text = re.sub(r"\$[^$]*\$", " ", "".join(cell["source"]))  # formulas: symbols, not measurements
-        text = re.sub(r"`[^`]*`", " ", text)  # code names
-        numbers = set(re.findall(r"\d+(?:[.,/]\d+)*", text))
-        assert numbers <= ALLOWED_NUMBERS, f"cell {i}: numbers typed in prose {sorted(numbers - ALLOWED_NUMBERS)}"
-        assert len(text.split()) <= 320, f"cell {i}: {len(text.split())} words (split it)"
+    assert not strict_prose_problems((ROOT / "notebooks" / "07_train_pruner.ipynb"), ALLOWED_NUMBERS)
 
 
 if __name__ == "__main__":

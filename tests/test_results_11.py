@@ -10,6 +10,7 @@ import pytest
 
 from vtp import scene_pruning as sp
 from vtp.stats import paired_effect
+from test_prose_numbers import strict_prose_problems
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "results" / "11_pruning_at_576.json"
@@ -130,15 +131,7 @@ ALLOWED_NUMBERS = {"11", "07", "10", "0", "1", "2", "3", "4", "5", "24", "64", "
 
 
 def test_lesson_11_prose_has_no_typed_measurements():
-    nb = json.loads(NOTEBOOK.read_text())
-    for i, cell in enumerate(nb["cells"]):
-        if cell["cell_type"] != "markdown":
-            continue
-        text = re.sub(r"\$[^$]*\$", " ", "".join(cell["source"]))  # formulas: symbols, not measurements
-        text = re.sub(r"`[^`]*`", " ", text)  # code names
-        numbers = set(re.findall(r"\d+(?:[.,/]\d+)*", text))
-        assert numbers <= ALLOWED_NUMBERS, f"cell {i}: numbers typed in prose {sorted(numbers - ALLOWED_NUMBERS)}"
-        assert len(text.split()) <= 320, f"cell {i}: {len(text.split())} words (split it)"
+    assert not strict_prose_problems(NOTEBOOK, ALLOWED_NUMBERS)
 
 
 def test_lesson_11_is_committed_without_outputs_until_its_gpu_run():
