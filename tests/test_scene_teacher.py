@@ -71,8 +71,8 @@ def test_evidence_loss_reads_visual_positions_and_learns():
 
 def test_training_pool_is_deterministic_and_indexes_its_images():
     cfg = scene_config({"scene": TINY})
-    a, b = training_pool(cfg, 30, 2, shard=20), training_pool(cfg, 30, 2, shard=20)
-    assert len(a) == 60 and a.questions == b.questions and torch.equal(a.images, b.images)
+    a, b = training_pool(cfg, 30, 2, shard=20), training_pool(cfg, 30, 2, processes=2, shard=20)
+    assert len(a) == 60 and a.questions == b.questions and torch.equal(a.images, b.images)  # processes change nothing
     assert int(a.image_ids.max()) == a.images.shape[0] - 1 and len(a.objects) == a.images.shape[0]
 
 
