@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 from tqdm.auto import tqdm
@@ -14,6 +15,11 @@ from tqdm.auto import tqdm
 __all__ = ["run_mode", "is_full", "default_device", "progress", "device_name"]
 
 MODES = ("smoke", "full")
+
+# Two notices the compiler prints while it compiles the library's functions (lessons 09 and 10): advice about its
+# own kernel choices, not about the user's code, and printed with the compiler's install location.
+for _notice in (r"\s*Online softmax is disabled", r"TensorFloat32 tensor cores for float32 matrix multiplication"):
+    warnings.filterwarnings("ignore", message=_notice, category=UserWarning)
 
 
 def run_mode() -> str:
