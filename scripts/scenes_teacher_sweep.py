@@ -37,7 +37,8 @@ sys.path.insert(0, str(REPO))
 EVAL_RESERVE_S = {"full": 50.0, "smoke": 12.0}  # evaluation: 7 passes over 10,080 questions
 KEEP = 64 / 576  # the issue's tightest budget
 _BASE = {"model": {}, "scene": {}, "lr": 5e-4, "batch_size": 128, "questions_per_image": 4, "warmup_steps": 300,
-         "pool_images": 24_000, "dense_pretrain_s": 0, "question_first": False, "compile": False, "evidence_weight": 0.0}
+         "pool_images": 24_000, "dense_pretrain_s": 0, "question_first": False, "compile": False, "evidence_weight": 0.0,
+         "position_weight": 0.0, "contents_weight": 0.0}
 CONFIGS = {
     "pilot_qpi4": {},
     "lr1e-3_b256": {"lr": 1e-3, "batch_size": 256, "questions_per_image": 8, "warmup_steps": 500},
@@ -60,6 +61,13 @@ CONFIGS = {
     "qfirst_dense60_5fam_ev": {"dense_pretrain_s": 60, "question_first": True, "compile": True, "evidence_weight": 1.0,
                                "scene": {"families": ["exist", "count", "query_color", "query_shape", "relation"],
                                          "min_objects": 3, "max_objects": 7, "max_count": 3}},
+    # + the owning object's centre as a number and a summary target for [CLS] in dense pre-training
+    # (vtp.scene_pretrain): left / right was at chance while above / below was answered; VisionZip-style
+    # selection reads the attention of a [CLS] token that nothing trained
+    "qfirst_dense60_5fam_ev_pos": {"dense_pretrain_s": 60, "question_first": True, "compile": True,
+                                   "evidence_weight": 1.0, "position_weight": 1.0, "contents_weight": 1.0,
+                                   "scene": {"families": ["exist", "count", "query_color", "query_shape", "relation"],
+                                             "min_objects": 3, "max_objects": 7, "max_count": 3}},
     "qfirst_dense60_ev": {"dense_pretrain_s": 60, "question_first": True, "compile": True, "evidence_weight": 1.0},
     "qfirst_dense90_5fam": {"dense_pretrain_s": 90, "question_first": True, "compile": True,
                             "scene": {"families": ["exist", "count", "query_color", "query_shape", "relation"],
@@ -72,7 +80,9 @@ SMOKE_SCENE = {"image_size": 64, "patch_size": 16, "sizes": [["small", 4], ["lar
                "max_objects": 4, "max_count": 2}
 SMOKE_CONFIGS = {"smoke_a": {"lr": 2e-3}, "smoke_b": {"lr": 1e-3, "questions_per_image": 2},
                  "smoke_dense": {"lr": 2e-3, "dense_pretrain_s": 5},
-                 "smoke_ev": {"lr": 2e-3, "dense_pretrain_s": 5, "question_first": True, "evidence_weight": 1.0}}
+                 "smoke_ev": {"lr": 2e-3, "dense_pretrain_s": 5, "question_first": True, "evidence_weight": 1.0},
+                 "smoke_ev_pos": {"lr": 2e-3, "dense_pretrain_s": 5, "question_first": True, "evidence_weight": 1.0,
+                                  "position_weight": 1.0, "contents_weight": 1.0}}
 
 
 def _recipe(name: str, smoke: bool) -> dict:
@@ -89,12 +99,15 @@ def _evaluate(model, processor, test, device, result: dict, save) -> None:
     import torch
 
     from vtp.baselines import VisionZip, evidence_oracle, evidence_recall, keep_by_scores, keep_masks, random_scores
+    from vtp.scene_eval import relation_axis_accuracy
     from vtp.scenes import FAMILIES, encode_scenes, scene_accuracy
 
     enc = encode_scenes(test, processor, device)
     run = lambda **kw: scene_accuracy(model, test, processor, encoded=enc, batch_size=256, **kw)  # noqa: E731
     full = run()
-    result["test"] = {"accuracy": full.accuracy, "per_family": full.per_type, "n": full.n}
+    correct = full.predictions == enc.answer_ids.cpu()
+    result["test"] = {"accuracy": full.accuracy, "per_family": full.per_type, "n": full.n,
+                      "relation_axes": relation_axis_accuracy(test, correct)}
     save()
     blank = scene_accuracy(model, test.blank(), processor, batch_size=256)
     result["blank"] = {"accuracy": blank.accuracy, "per_family": blank.per_type}

@@ -1,4 +1,5 @@
 """vtp.scene_eval: peers at a budget on scenes, accuracy and evidence recall per family in one pass, summaries."""
+import dataclasses
 import json
 
 import pytest
@@ -111,3 +112,21 @@ def test_evaluate_peers_and_summaries(setup):
         summarize_runs(out["random"] + out["object"])
     with pytest.raises(ValueError, match="non-empty"):
         summarize_runs([])
+
+
+def test_relation_axis_accuracy_splits_left_right_from_above_below():
+    from vtp.scene_eval import relation_axis_accuracy
+    from vtp.scenes import SceneConfig, generate_split
+
+    split = generate_split("val", 300, SceneConfig(), seed=(9, 0))
+    horizontal = torch.tensor([f == "relation" and (" left of " in q or " right of " in q)
+                               for f, q in zip(split.families, split.questions)])
+    vertical = torch.tensor([f == "relation" and (" above " in q or " below " in q)
+                             for f, q in zip(split.families, split.questions)])
+    assert horizontal.any() and vertical.any()
+    got = relation_axis_accuracy(split, horizontal)  # right exactly on the left / right questions
+    assert got == {"horizontal": (1.0, int(horizontal.sum())), "vertical": (0.0, int(vertical.sum()))}
+    none = dataclasses.replace(split, families=["exist"] * len(split))
+    assert relation_axis_accuracy(none, horizontal) == {"horizontal": (None, 0), "vertical": (None, 0)}
+    with pytest.raises(ValueError, match="one value per question"):
+        relation_axis_accuracy(split, horizontal[:-1])

@@ -4,7 +4,7 @@ import dataclasses
 import pytest
 import torch
 
-from vtp.scene_pretrain import LABELS, patch_labels, pretrain_vision
+from vtp.scene_pretrain import CENTRE_XY, LABELS, _contents, patch_labels, pretrain_vision
 from vtp.scenes import SceneConfig, SceneObject, generate_split, render_scene, scene_processor
 from vtp.vlm import build_llava
 
@@ -26,12 +26,25 @@ def test_one_object_labels_its_patches_and_its_centre():
     assert all(tuple(row[:3].tolist()) == expect for row in lab[owned])
     assert lab[~owned, :3].abs().sum() == 0  # background: class 0
     assert lab[:, 3].nonzero().flatten().tolist() == [6 * CFG.grid + 12]
+    assert lab[owned, len(LABELS):].tolist() == [[100, 52]] * int(owned.sum())  # the owner's centre, px
+    assert (lab[~owned, len(LABELS):] == -1).all()
+
+
+def test_contents_are_the_pairs_present():
+    a = SceneObject("large", "blue", "square", x=40.0, y=40.0)
+    b = SceneObject("small", "red", "circle", x=140.0, y=120.0)
+    c = SceneObject("small", "blue", "square", x=150.0, y=30.0)  # a pair already present counts once
+    lab = patch_labels(_Split([[a, b, c], [b]]))
+    got = _contents(lab, len(CFG.shapes), len(CFG.colors) * len(CFG.shapes))
+    pair = lambda o: CFG.colors.index(o.color) * len(CFG.shapes) + CFG.shapes.index(o.shape)  # noqa: E731
+    assert got[0].nonzero().flatten().tolist() == sorted({pair(a), pair(b)})
+    assert got[1].nonzero().flatten().tolist() == [pair(b)]
 
 
 def test_every_object_has_one_centre_patch():
     split = generate_split("train", 120, CFG, seed=(5, 0))
     lab = patch_labels(split)
-    assert lab.shape == (len(split.objects), CFG.num_tokens, len(LABELS))
+    assert lab.shape == (len(split.objects), CFG.num_tokens, len(LABELS) + len(CENTRE_XY))
     assert lab[..., 3].sum(1).tolist() == [len(objs) for objs in split.objects]
     assert bool((lab[..., 3].bool() <= (lab[..., 0] > 0)).all())  # a centre patch belongs to an object
 
@@ -48,6 +61,23 @@ def test_pretraining_learns_the_labels_of_small_scenes():
                            log_every=149)
     assert hist["steps_done"] == 150 and hist["loss"][-1] < 0.5 * hist["loss"][0]
     assert hist["acc"][-1]["color"] > 0.6  # colours on object patches: chance is 1/7
+    assert "xy" not in hist["acc"][-1] and "contents" not in hist["acc"][-1]  # their terms are off by default
+
+
+def test_pretraining_learns_centres_and_contents():
+    cfg = SceneConfig(image_size=32, patch_size=8, sizes=(("small", 3), ("large", 5)), min_objects=1, max_objects=2,
+                      max_count=1, jitter=2)
+    split = generate_split("train", 200, cfg, seed=(1, 0), questions_per_image=1)
+    proc = scene_processor(cfg)
+    torch.manual_seed(0)
+    model = build_llava("smoke", vocab_size=proc.vocab_size, image_token_id=proc.image_token_id,
+                        pad_token_id=proc.pad_token_id, image_size=32, patch_size=8)
+    hist = pretrain_vision(model, split.images, patch_labels(split), proc, cfg, steps=450, batch_size=32, lr=3e-3,
+                           log_every=25, position_weight=1.0, contents_weight=1.0)
+    first, last = hist["acc"][0], hist["acc"][-3:]
+    # centres within half a patch, and every (colour, shape) pair of a scene right: both start far lower
+    assert min(a["xy"] for a in last) > first["xy"] + 0.5, (first, last)
+    assert min(a["contents"] for a in last) > first["contents"] + 0.5, (first, last)
 
 
 def test_labels_must_match_the_images():
@@ -56,6 +86,9 @@ def test_labels_must_match_the_images():
                         pad_token_id=proc.pad_token_id, image_size=192, patch_size=8)
     with pytest.raises(ValueError, match="labels must be"):
         pretrain_vision(model, torch.zeros(2, 3, 192, 192, dtype=torch.uint8), torch.zeros(3, 576, 4).long(), proc, CFG)
+    with pytest.raises(ValueError, match="position_weight must be"):
+        pretrain_vision(model, torch.zeros(2, 3, 192, 192, dtype=torch.uint8), torch.zeros(2, 576, 8).long(), proc, CFG,
+                        position_weight=float("nan"))
 
 
 def test_train_teacher_continues_from_a_given_model():

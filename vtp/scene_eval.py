@@ -29,10 +29,11 @@ import torch
 
 from .baselines import (VisionZip, evidence_oracle, evidence_recall, fastv_scores, keep_by_scores, object_scores,
                         random_scores)
+from .scene_questions import RELATIONS
 from .scenes import FAMILIES, encode_scenes, scene_accuracy
 
 __all__ = ["PEERS", "peer_keep_fn", "RecordedKeep", "family_means", "PeerResult", "evaluate_peer", "evaluate_peers",
-           "summarize_runs"]
+           "summarize_runs", "RELATION_AXES", "relation_axis_accuracy"]
 
 #: peer name -> label for tables and figures
 PEERS = {"random": "random", "fastv": "FastV-style", "visionzip": "VisionZip-style", "object": "pixel-object reference",
@@ -92,6 +93,27 @@ def family_means(values, families) -> dict:
         if sel.any():
             out[f] = values[sel].mean().item()
     return out
+
+
+#: axis -> the relations that compare centres along it
+RELATION_AXES = {"horizontal": ("left of", "right of"), "vertical": ("above", "below")}
+
+
+def relation_axis_accuracy(split, correct) -> dict:
+    """Mean of ``correct`` [Q] (1 = right) over the ``relation`` questions of ``split``, per axis of
+    :data:`RELATION_AXES` (with the number of questions; ``None`` when there are none): ``{"horizontal": (acc, n),
+    "vertical": (acc, n)}``. The
+    visual tokens reach the language model in row-major order, so its own positions order the rows but not the
+    columns: a teacher can answer one axis and not the other."""
+    correct = torch.as_tensor(correct, dtype=torch.float64)
+    if len(correct) != len(split):
+        raise ValueError(f"correct must have one value per question ({len(split)}), got {len(correct)}")
+    axis = {rel: a for a, rels in RELATION_AXES.items() for rel in rels}
+    found = {a: [] for a in RELATION_AXES}
+    for q, (fam, text) in enumerate(zip(split.families, split.questions)):
+        if fam == "relation":
+            found[axis[next(r for r in RELATIONS if f" {r} " in text)]].append(q)
+    return {a: (correct[qs].mean().item() if qs else None, len(qs)) for a, qs in found.items()}
 
 
 @dataclass
