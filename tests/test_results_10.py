@@ -126,3 +126,35 @@ def test_goal_flags_follow_from_the_values(res):
     gap = t["test"]["accuracy"] - res["budgets"]["64"]["peers"]["random"]["accuracy"]
     assert goals["random_gap_64"]["value"] == pytest.approx(gap) and goals["random_gap_64"]["target"] == 0.10
     assert goals["lesson_time"]["value"] == res["notebook_time_s"] and goals["lesson_time"]["target"] == 600
+
+
+def _p(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def readme_rows(r: dict) -> list[str]:
+    """The README table rows that quote lesson 10 (exact text, rendered from the results file)."""
+    t, fam = r["teacher"], r["teacher"]["test"]["per_family"]
+    worst = min(fam, key=fam.get)
+    peers = r["budgets"]["64"]["peers"]
+    names = {"random": "random (3 seeds)", "fastv": "FastV-style", "visionzip": "VisionZip-style",
+             "evidence_oracle": "evidence oracle"}
+    acc = " / ".join(_p(peers[k]["accuracy"]) for k in names)
+    recall = " / ".join(f"{peers[k]['evidence_recall_overall']:.2f}" for k in names)
+    return [
+        f"| lesson 10: scenes teacher ({t['trained_on']}, {t['total_s']:.0f} s with data generation), test accuracy "
+        f"overall / worst family ({worst}) / blank images | {_p(t['test']['accuracy'])} / {_p(fam[worst])} / "
+        f"{_p(t['blank']['accuracy'])} | >= 97% / >= 93% / - |",
+        f"| lesson 10: frozen scenes teacher at 64 of 576 tokens, {' / '.join(names.values())}: accuracy (evidence "
+        f"recall) | {acc} ({recall}) | random >= 10 points below the teacher |",
+    ]
+
+
+def test_readme_quotes_lesson_10(res):
+    readme = (ROOT / "README.md").read_text()
+    missing = [row for row in readme_rows(res) if row not in readme]
+    assert not missing, "README rows to paste (python tests/test_results_10.py):\n" + "\n".join(missing)
+
+
+if __name__ == "__main__":
+    print("\n".join(readme_rows(json.loads(RESULTS.read_text()))))

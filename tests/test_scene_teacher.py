@@ -111,7 +111,7 @@ def test_load_or_train_scene_teacher_trains_once_then_loads(tmp_path, monkeypatc
     import vtp.scene_teacher as st
 
     monkeypatch.setattr(st, "scene_teacher_dir", lambda mode=None: tmp_path / f"scenes_teacher_{mode}")
-    monkeypatch.setitem(st.TIME_BUDGET_S, "smoke", 6.0)
+    monkeypatch.setitem(st.TIME_BUDGET_S, "smoke", 12.0)  # data + 4 s dense + some answering, on a loaded CPU
     model, proc, info = st.load_or_train_scene_teacher("smoke", "cpu", log=lambda m: None)
     assert (tmp_path / "scenes_teacher_smoke" / "config.json").exists() and len(info["sha256"]) == 64
     again, proc2, info2 = st.load_or_train_scene_teacher("smoke", "cpu", log=lambda m: None)
