@@ -49,7 +49,8 @@ def test_every_object_has_one_centre_patch():
     assert bool((lab[..., 3].bool() <= (lab[..., 0] > 0)).all())  # a centre patch belongs to an object
 
 
-def test_pretraining_learns_the_labels_of_small_scenes():
+def _pretrain_tiny(steps: int, log_every: int, **kw) -> dict:
+    """``pretrain_vision`` of a fresh smoke tower on 200 scenes of 16 tokens (one or two objects)."""
     cfg = SceneConfig(image_size=32, patch_size=8, sizes=(("small", 3), ("large", 5)), min_objects=1, max_objects=2,
                       max_count=1, jitter=2)
     split = generate_split("train", 200, cfg, seed=(1, 0), questions_per_image=1)
@@ -57,23 +58,19 @@ def test_pretraining_learns_the_labels_of_small_scenes():
     torch.manual_seed(0)
     model = build_llava("smoke", vocab_size=proc.vocab_size, image_token_id=proc.image_token_id,
                         pad_token_id=proc.pad_token_id, image_size=32, patch_size=8)
-    hist = pretrain_vision(model, split.images, patch_labels(split), proc, cfg, steps=150, batch_size=32, lr=3e-3,
-                           log_every=149)
+    return pretrain_vision(model, split.images, patch_labels(split), proc, cfg, steps=steps, batch_size=32, lr=3e-3,
+                           log_every=log_every, **kw)
+
+
+def test_pretraining_learns_the_labels_of_small_scenes():
+    hist = _pretrain_tiny(150, 149)
     assert hist["steps_done"] == 150 and hist["loss"][-1] < 0.5 * hist["loss"][0]
     assert hist["acc"][-1]["color"] > 0.6  # colours on object patches: chance is 1/7
     assert "xy" not in hist["acc"][-1] and "contents" not in hist["acc"][-1]  # their terms are off by default
 
 
 def test_pretraining_learns_centres_and_contents():
-    cfg = SceneConfig(image_size=32, patch_size=8, sizes=(("small", 3), ("large", 5)), min_objects=1, max_objects=2,
-                      max_count=1, jitter=2)
-    split = generate_split("train", 200, cfg, seed=(1, 0), questions_per_image=1)
-    proc = scene_processor(cfg)
-    torch.manual_seed(0)
-    model = build_llava("smoke", vocab_size=proc.vocab_size, image_token_id=proc.image_token_id,
-                        pad_token_id=proc.pad_token_id, image_size=32, patch_size=8)
-    hist = pretrain_vision(model, split.images, patch_labels(split), proc, cfg, steps=450, batch_size=32, lr=3e-3,
-                           log_every=25, position_weight=1.0, contents_weight=1.0)
+    hist = _pretrain_tiny(450, 25, position_weight=1.0, contents_weight=1.0)
     first, last = hist["acc"][0], hist["acc"][-3:]
     # centres within half a patch, and every (colour, shape) pair of a scene right: both start far lower
     assert min(a["xy"] for a in last) > first["xy"] + 0.5, (first, last)
