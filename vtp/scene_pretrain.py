@@ -43,6 +43,7 @@ term) and :math:`z \in \{0, 1\}^{C \times S_h}` the (colour, shape) pairs presen
 """
 from __future__ import annotations
 
+import functools
 import math
 import time
 from types import SimpleNamespace
@@ -132,6 +133,38 @@ def _contents(y: torch.Tensor, n_shapes: int, n_pairs: int) -> torch.Tensor:
     return torch.zeros(y.shape[0], n_pairs + 1, device=y.device).scatter_(1, pair, 1.0)[:, :n_pairs]
 
 
+def _dense_loss(tower, heads, images, labels, idx, processor, cfg: SceneConfig, position_weight, contents_weight):
+    """The loss of the module docstring on images ``idx``, and what the accuracies need."""
+    device = labels.device
+    y = labels[idx.to(device)]
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        out = tower(pixel_values=processor.preprocess_images(images[idx], device)).last_hidden_state
+        h, cls = out[:, 1:], out[:, 0]  # patches, [CLS]
+        logits = {k: heads[k](h).float() for k in LABELS}
+        xy, contents = heads["xy"](h).float(), heads["contents"](cls).float()
+    on_obj = y[..., 0] > 0  # objects cover a few % of the patches: their patches get a term of their own
+    loss = sum(F.cross_entropy(logits[k].flatten(0, 1), y[..., i].flatten())
+               + F.cross_entropy(logits[k][on_obj], y[..., i][on_obj]) for i, k in enumerate(LABELS))
+    err = (xy - y[..., len(LABELS):].float() / cfg.image_size)[on_obj]  # [O, 2], canvas units
+    present = _contents(y, len(cfg.shapes), len(cfg.colors) * len(cfg.shapes))
+    if position_weight:
+        loss = loss + position_weight * 6.0 * err.pow(2).sum() / on_obj.sum().clamp(min=1)
+    if contents_weight:
+        loss = loss + contents_weight * F.binary_cross_entropy_with_logits(contents, present)
+    return loss, (logits, y, on_obj, err, contents, present)
+
+
+def _dense_accuracy(parts, cfg: SceneConfig, position_weight, contents_weight) -> dict:
+    """Accuracies of one batch (see :func:`pretrain_vision`)."""
+    logits, y, on_obj, err, contents, present = parts
+    acc = {k: (logits[k].argmax(-1) == y[..., i])[on_obj].float().mean().item() for i, k in enumerate(LABELS)}
+    if position_weight:
+        acc["xy"] = (err.abs().amax(-1) * cfg.image_size < cfg.patch_size / 2).float().mean().item()
+    if contents_weight:
+        acc["contents"] = ((contents > 0).float() == present).all(-1).float().mean().item()
+    return acc
+
+
 def pretrain_vision(llava, images: torch.Tensor, labels: torch.Tensor, processor, cfg: SceneConfig,
                     steps: int = 1000, time_budget_s: float | None = None, batch_size: int = 64, lr: float = 1e-3,
                     warmup_steps: int = 50, seed: int = 0, log_every: int = 50, position_weight: float = 0.0,
@@ -157,29 +190,11 @@ def pretrain_vision(llava, images: torch.Tensor, labels: torch.Tensor, processor
     params = list(tower.parameters()) + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     gen = torch.Generator().manual_seed(seed)
-    labels = labels.to(device)
+    weights = (position_weight, contents_weight)
+    compute_loss = functools.partial(_dense_loss, tower, heads, images, labels.to(device), processor=processor,
+                                     cfg=cfg, position_weight=position_weight, contents_weight=contents_weight)
     hist = {"step": [], "loss": [], "acc": []}
     schedule = SimpleNamespace(warmup_steps=warmup_steps, min_lr_ratio=0.0)  # warm-up, then cosine to 0
-    n_shapes, n_pairs = len(cfg.shapes), len(cfg.colors) * len(cfg.shapes)
-
-    def compute_loss(idx):
-        y = labels[idx.to(device)]
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            out = tower(pixel_values=processor.preprocess_images(images[idx], device)).last_hidden_state
-            h, cls = out[:, 1:], out[:, 0]  # patches, [CLS]
-            logits = {k: heads[k](h).float() for k in LABELS}
-            xy, contents = heads["xy"](h).float(), heads["contents"](cls).float()
-        on_obj = y[..., 0] > 0  # objects cover a few % of the patches: their patches get a term of their own
-        loss = sum(F.cross_entropy(logits[k].flatten(0, 1), y[..., i].flatten())
-                   + F.cross_entropy(logits[k][on_obj], y[..., i][on_obj]) for i, k in enumerate(LABELS))
-        err = (xy - y[..., len(LABELS):].float() / cfg.image_size)[on_obj]  # [O, 2], canvas units
-        present = _contents(y, n_shapes, n_pairs)
-        if position_weight:
-            loss = loss + position_weight * 6.0 * err.pow(2).sum() / on_obj.sum().clamp(min=1)
-        if contents_weight:
-            loss = loss + contents_weight * F.binary_cross_entropy_with_logits(contents, present)
-        return loss, (logits, y, on_obj, err, contents, present)
-
     tower.train()
     start = time.perf_counter()
     t = 0
@@ -188,17 +203,11 @@ def pretrain_vision(llava, images: torch.Tensor, labels: torch.Tensor, processor
         if frac >= 1:
             break
         set_lr(opt, [lr], lr_factor(schedule, t, frac))
-        loss, (logits, y, on_obj, err, contents, present) = step(
-            opt, compute_loss, torch.randint(images.shape[0], (batch_size,), generator=gen), 1.0, params)
+        loss, parts = step(opt, compute_loss, torch.randint(images.shape[0], (batch_size,), generator=gen), 1.0, params)
         if t % log_every == 0:
             hist["step"].append(t)
             hist["loss"].append(loss.item())
-            acc = {k: (logits[k].argmax(-1) == y[..., i])[on_obj].float().mean().item() for i, k in enumerate(LABELS)}
-            if position_weight:
-                acc["xy"] = (err.abs().amax(-1) * cfg.image_size < cfg.patch_size / 2).float().mean().item()
-            if contents_weight:
-                acc["contents"] = ((contents > 0).float() == present).all(-1).float().mean().item()
-            hist["acc"].append(acc)
+            hist["acc"].append(_dense_accuracy(parts, cfg, *weights))
         t += 1
     hist["steps_done"], hist["train_time_s"] = t, time.perf_counter() - start
     tower.eval()

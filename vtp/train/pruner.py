@@ -32,6 +32,7 @@ from ..runtime import device_name, progress
 from ..schedules import get_temperature, sparsity_weight_schedule, target_ratio_schedule
 from ..vlm import PrunedVLM, answer_logits
 from .batches import easy_vqa_batches, training_batches
+from .adapt import _adapt_to_rule, _inputs, _teacher_logits
 from .checkpoint import resume_run, save_run
 from .config import PrunerConfig, pruner_config
 from .schedule import lr_factor, set_lr
@@ -42,7 +43,7 @@ __all__ = ["train_pruner"]
 
 PHASE1_KEYS = ("step", "tau", "sparsity_weight", "target", "ce", "distill", "sparsity", "binarize", "total",
                "keep_ratio", "keep_prob", "saturated", "train_acc", "mask_binary", "multiplier")
-ADAPT_KEYS = ("step", "lr", "ce", "distill", "sparsity", "total", "keep_ratio", "keep_prob", "train_acc")
+
 
 
 def _sparsity_inputs(out, cfg: PrunerConfig, attention_mask):
@@ -90,20 +91,6 @@ class _Run:
     validate: object = None
     save: object = None
     out_of_time: object = lambda: False  # cfg.time_budget_s's guard: True once the run's training time reaches it
-
-
-def _inputs(batch: dict):
-    """The positional model inputs of a batch, and its ``image_index`` (None when every sample has its image)."""
-    return (batch["input_ids"], batch["pixel_values"], batch["attention_mask"], batch["labels"]), \
-        {"image_index": batch["image_index"]} if "image_index" in batch else {}
-
-
-def _teacher_logits(run: _Run, inputs, extra):
-    """The frozen teacher's logits (no gradient), or None without distillation."""
-    if run.cfg.distill_weight <= 0:
-        return None
-    with torch.no_grad():
-        return run.teacher_vlm(*inputs, mode="none", **extra).logits
 
 
 def _phase1_schedule(cfg: PrunerConfig, t: int) -> dict:
@@ -183,90 +170,6 @@ def _phase1(run: _Run, first: int, last: int) -> None:
         run.save(t + 1)
 
 
-def _adapt_loss(run: _Run, i: int, target: float, w_s: float, batch: dict):
-    """Phase 2's loss at its step ``i``: the deployment rule's mask (``eval_rule`` at ``target``), CE +
-    distillation (+ the sparsity anchor when the pruner trains). Returns ``(loss, (output, loss parts))``."""
-    cfg = run.cfg
-    inputs, extra = _inputs(batch)
-    with autocast(run.device, cfg.bf16):
-        teacher_logits = _teacher_logits(run, inputs, extra)
-        out = run.net(*inputs, mode=cfg.apply, ratio=target if cfg.eval_rule == "topk" else None, rule=cfg.eval_rule,
-                      tau=1.0, **extra)
-    try:
-        loss, parts = run.loss_fn(out.logits, out.labels, out.keep_prob, keep_mask=out.visual_keep,
-                                  teacher_logits=teacher_logits, sparsity_weight=w_s, target_ratio=target,
-                                  binarize_weight=0.0)
-    except FloatingPointError as err:
-        raise FloatingPointError(f"train_pruner: non-finite loss at adaptation step {i}; lower adapt_lr or "
-                                 f"disable bf16. {err}") from None
-    return loss, (out, parts)
-
-
-@torch.no_grad()
-def _adapt_row(run: _Run, t: int, lr: float, out, parts) -> float:
-    """Phase 2's log row at (global) step ``t``, averaged over the ranks; returns the training accuracy."""
-    logits, answers = answer_logits(out.logits, out.labels)
-    acc = (logits.argmax(-1) == answers).float().mean().item()
-    row = dict(step=t, lr=lr, train_acc=acc,
-               **{k: parts[k] for k in ("ce", "distill", "sparsity", "total", "keep_ratio", "keep_prob")})
-    row.update(distributed.mean_over_ranks({k: row[k] for k in ADAPT_KEYS[2:]}))  # global batch's values
-    for k in ADAPT_KEYS:
-        run.history["adapt"][k].append(row[k])
-    return acc
-
-
-def _adapt_validate(run: _Run, t: int, train_pruner_too: bool) -> None:
-    """Validate at (global) step ``t`` and keep the best state so far (a tie goes to the later state)."""
-    run.validate(t, "adapt")  # accuracy() restores train mode afterwards:
-    run.vlm.pruner.train(train_pruner_too)
-    run.vlm.llava.model.vision_tower.eval()
-    if run.history["val"][-1]["accuracy"] >= run.best["accuracy"]:
-        run.best.update(step=t, accuracy=run.history["val"][-1]["accuracy"],
-                        state={k: v.detach().clone() for k, v in run.vlm.state_dict().items()})
-
-
-def _adapt_to_rule(run: _Run, start: int, warmup: int, first: int = 0) -> None:
-    r"""Phase 2 (``cfg.adapt_steps`` > 0): the vision side and (unless ``cfg.adapt_pruner``) the pruner frozen,
-    the language model trained on the deployment masks (``cfg.eval_rule`` at ``cfg.target_ratio``, or cycling
-    through ``cfg.adapt_ratios``: block :math:`b` of the cycle is the list rotated by :math:`b`) with CE +
-    distillation. Phase 1's optimizer continues (warm Adam moments; a fresh one gets a linear ``warmup``),
-    learning rates ``adapt_lr`` (default ``lm_lr``) and ``pruner_lr`` on :func:`lr_factor`'s cosine over the
-    phase. Steps are numbered from ``start``; a resumed run begins at step ``first`` of the phase. Logs
-    ``history["adapt"]``; ends in the best validated state (``history["adapt_best"]``)."""
-    cfg, vlm = run.cfg, run.vlm
-    for p in _vision_parameters(vlm.llava):
-        p.requires_grad_(False)
-    pruner, train_pruner_too = vlm.pruner, cfg.adapt_pruner and cfg.eval_rule == "topk" and cfg.selector == "learned"
-    pruner.train(train_pruner_too).requires_grad_(train_pruner_too)
-    sampler, pruner.sampler = pruner.sampler, "topk"
-    bases = [cfg.pruner_lr, cfg.lm_lr if cfg.adapt_lr is None else cfg.adapt_lr] + [0.0] * (len(run.opt.param_groups) - 2)
-    w_s = cfg.sparsity_weight if train_pruner_too else 0.0
-    run.history["adapt"] = run.history["adapt"] if first else {k: [] for k in ADAPT_KEYS}
-    budgets = cfg.adapt_ratios or (cfg.target_ratio,)
-    bar = progress(range(first, cfg.adapt_steps), desc=f"adapt @ {'/'.join(f'{r:g}' for r in budgets)}", leave=False,
-                   disable=not distributed.is_main())
-    for i in bar:
-        if run.out_of_time():  # the time guard: stop before step i, validate the state reached, keep the best
-            run.history["stopped_early"] = start + i
-            if run.eval_every and i % run.eval_every:
-                _adapt_validate(run, start + i, train_pruner_too)
-            break
-        target = budgets[(i + i // len(budgets)) % len(budgets)]  # block b of the cycle: rotated by b
-        f = lr_factor(cfg, i, (i, cfg.adapt_steps), warmup)
-        set_lr(run.opt, bases, f)  # frozen parameters get no gradient, so AdamW leaves them alone
-        _, (out, parts) = step(run.opt, lambda batch: _adapt_loss(run, i, target, w_s, batch), next(run.batches),
-                               cfg.grad_clip)
-        if i % cfg.log_every == 0 or i == cfg.adapt_steps - 1:
-            bar.set_postfix(acc=f"{_adapt_row(run, start + i, bases[1] * f, out, parts):.3f}")
-        if run.eval_every and ((i + 1) % run.eval_every == 0 or i + 1 == cfg.adapt_steps):
-            _adapt_validate(run, start + i + 1, train_pruner_too)
-        run.save(start + i + 1)
-    pruner.sampler = sampler
-    if run.best["state"] is not None:
-        vlm.load_state_dict(run.best["state"])
-        run.history["adapt_best"] = {"step": run.best["step"], "accuracy": run.best["accuracy"]}
-
-
 def _validate(run: _Run, val_data, processor, callback, t: int, phase: str, rule: str | None = None) -> None:
     """Validate with real removal (``rule``, default ``cfg.eval_rule``; top-k at ``cfg.target_ratio``) on rank 0,
     append the result to ``history["val"]`` on every rank, then call ``callback(t, history)`` on rank 0."""
@@ -331,6 +234,23 @@ def _build_run(teacher, processor, cfg: PrunerConfig, device, val_data, student,
     return run, val_data
 
 
+def _end_of_phase1(run, cfg: PrunerConfig, phase1: int, phase1_end) -> float:
+    """Between the phases: the ``phase1_end`` hook (rank 0) and, with validations and a phase 2, phase 1's last
+    validations (before the training masks' law changes). Returns the hook's seconds."""
+    hook_s = 0.0
+    if phase1_end is not None and distributed.is_main():
+        hook_start = time.perf_counter()
+        _between_phases(run.vlm, run.device, phase1_end)
+        hook_s = time.perf_counter() - hook_start
+    if run.eval_every and cfg.adapt_steps:
+        if not phase1:
+            run.validate(0, "gumbel")
+        torch.manual_seed(cfg.seed)
+        if cfg.selector == "learned":  # a control has no keep probabilities to sample from
+            run.validate(phase1, "gumbel", "sample")
+    return hook_s
+
+
 def train_pruner(teacher, processor: VQAProcessor | None = None, cfg: PrunerConfig | str | None = None, device=None,
                  val_data=None, callback=None, student: PrunedVLM | None = None, checkpoint=None,
                  checkpoint_every: int = 100, batches=None, phase1_end=None):
@@ -388,16 +308,8 @@ def train_pruner(teacher, processor: VQAProcessor | None = None, cfg: PrunerConf
     run.vlm.llava.model.vision_tower.eval()
     start = time.perf_counter()
     _phase1(run, min(done, phase1), phase1)
-    if phase1_end is not None and done <= phase1 and distributed.is_main():
-        hook_start = time.perf_counter()
-        _between_phases(run.vlm, run.device, phase1_end)
-        start += time.perf_counter() - hook_start  # the hook's time is not training time
-    if run.eval_every and cfg.adapt_steps and done <= phase1:  # before phase 2 (and the training masks' law)
-        if not phase1:
-            run.validate(0, "gumbel")
-        torch.manual_seed(cfg.seed)
-        if cfg.selector == "learned":  # a control has no keep probabilities to sample from
-            run.validate(phase1, "gumbel", "sample")
+    if done <= phase1:
+        start += _end_of_phase1(run, cfg, phase1, phase1_end)  # the hook's time is not training time
     if cfg.adapt_steps:
         _adapt_to_rule(run, start=phase1, warmup=0 if phase1 else cfg.warmup_steps, first=max(0, done - phase1))
     if run.device.type == "cuda":
