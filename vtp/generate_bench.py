@@ -253,6 +253,23 @@ def _row(cfg, config, B, kept, ttft, long, cache, weight_bytes, dtype, pruned: b
                 decode_bound=decode_bound(config, weight_bytes, kept, cfg.n_text, B, dtype))
 
 
+def _timed_calls(cfg, model, pruner, inputs, configs):
+    """What :func:`vtp.timing.time_interleaved` times: ``(calls, repeats, warmup)``, keyed ``("vision", B)`` (the
+    tower alone), ``("ttft", B, r)`` and ``("long", B, r)`` (``r`` None: unpatched), each call with its setup."""
+    calls, repeats, warmup = {}, {}, {}
+    for B in cfg.batches:
+        unpatched = functools.partial(_configure, model, pruner, None)
+        calls["vision", B] = (unpatched, functools.partial(_image_features, model, inputs[B]["pixel_values"]))
+        repeats["vision", B], warmup["vision", B] = cfg.repeats, cfg.warmup
+    for B, r in configs:
+        setup = functools.partial(_configure, model, pruner, r)
+        calls["ttft", B, r] = (setup, functools.partial(generate, model, inputs[B], 1))
+        calls["long", B, r] = (setup, functools.partial(generate, model, inputs[B], 1 + cfg.decode_tokens))
+        repeats["ttft", B, r], warmup["ttft", B, r] = cfg.repeats, cfg.warmup
+        repeats["long", B, r], warmup["long", B, r] = cfg.decode_repeats, cfg.decode_warmup
+    return calls, repeats, warmup
+
+
 @torch.no_grad()
 def run_generate_bench(cfg: GenerateBenchConfig | None = None, log=print) -> dict:
     """TTFT and decode tokens/s of the unpatched model and of the patched one at every keep ratio, for every
@@ -279,17 +296,7 @@ def run_generate_bench(cfg: GenerateBenchConfig | None = None, log=print) -> dic
     inputs = {B: make_inputs(config, B, cfg.n_text, cfg.text_before, cfg.seed + B, device, dtype) for B in cfg.batches}
     configs = [(B, r) for B in cfg.batches for r in (None, *cfg.ratios)]  # r None: the unpatched model
     kept = {(B, r): N if r is None else kept_tokens(r, N, pruner.min_keep) for B, r in configs}
-    calls, repeats, warmup = {}, {}, {}
-    for B in cfg.batches:
-        unpatched = functools.partial(_configure, model, pruner, None)
-        calls["vision", B] = (unpatched, functools.partial(_image_features, model, inputs[B]["pixel_values"]))
-        repeats["vision", B], warmup["vision", B] = cfg.repeats, cfg.warmup
-    for B, r in configs:
-        setup = functools.partial(_configure, model, pruner, r)
-        calls["ttft", B, r] = (setup, functools.partial(generate, model, inputs[B], 1))
-        calls["long", B, r] = (setup, functools.partial(generate, model, inputs[B], 1 + cfg.decode_tokens))
-        repeats["ttft", B, r], warmup["ttft", B, r] = cfg.repeats, cfg.warmup
-        repeats["long", B, r], warmup["long", B, r] = cfg.decode_repeats, cfg.decode_warmup
+    calls, repeats, warmup = _timed_calls(cfg, model, pruner, inputs, configs)
     try:
         cache = {}
         for B, r in configs:  # untimed: the prompt tokens in the KV cache after prefill

@@ -102,9 +102,8 @@ RELATION_AXES = {"horizontal": ("left of", "right of"), "vertical": ("above", "b
 def relation_axis_accuracy(split, correct) -> dict:
     """Mean of ``correct`` [Q] (1 = right) over the ``relation`` questions of ``split``, per axis of
     :data:`RELATION_AXES` (with the number of questions; ``None`` when there are none): ``{"horizontal": (acc, n),
-    "vertical": (acc, n)}``. The
-    visual tokens reach the language model in row-major order, so its own positions order the rows but not the
-    columns: a teacher can answer one axis and not the other."""
+    "vertical": (acc, n)}``. The visual tokens reach the language model in row-major order, so its own positions
+    order the rows but not the columns: a teacher can answer one axis and not the other."""
     correct = torch.as_tensor(correct, dtype=torch.float64)
     if len(correct) != len(split):
         raise ValueError(f"correct must have one value per question ({len(split)}), got {len(correct)}")

@@ -194,7 +194,7 @@ def _between_phases(vlm: PrunedVLM, device: torch.device, fn) -> None:
         m.training = training
 
 
-def _check_args(cfg: PrunerConfig, processor, student, checkpoint_every, batches, val_data) -> None:
+def _check_args(cfg: PrunerConfig, processor, student, checkpoint_every, batches, val_data, phase1_end) -> None:
     """Argument checks before any work."""
     if processor is None and (batches is None or val_data is not None):
         raise ValueError("processor is needed to load easy-VQA (batches=None) and to validate on val_data")
@@ -205,6 +205,9 @@ def _check_args(cfg: PrunerConfig, processor, student, checkpoint_every, batches
                          f"({getattr(student.pruner, 'kind', 'learned')!r}), got {cfg.selector!r}")
     if not (isinstance(checkpoint_every, int) and checkpoint_every >= 1):
         raise ValueError(f"checkpoint_every must be an int >= 1, got {checkpoint_every!r}")
+    if phase1_end is not None and not (callable(phase1_end) and cfg.adapt_steps and student is None):
+        raise ValueError("phase1_end must be a callable, and needs phase 1 and a phase 2 (no student, "
+                         f"cfg.adapt_steps > 0), got {phase1_end!r}, adapt_steps={cfg.adapt_steps}")
 
 
 def _build_run(teacher, processor, cfg: PrunerConfig, device, val_data, student, batches):
@@ -281,10 +284,7 @@ def train_pruner(teacher, processor: VQAProcessor | None = None, cfg: PrunerConf
     are restored after the call, so phase 2 runs as it would without it.
     """
     cfg = pruner_config(cfg) if cfg is None or isinstance(cfg, str) else cfg
-    _check_args(cfg, processor, student, checkpoint_every, batches, val_data)
-    if phase1_end is not None and not (callable(phase1_end) and cfg.adapt_steps and student is None):
-        raise ValueError("phase1_end must be a callable, and needs phase 1 and a phase 2 (no student, "
-                         f"cfg.adapt_steps > 0), got {phase1_end!r}, adapt_steps={cfg.adapt_steps}")
+    _check_args(cfg, processor, student, checkpoint_every, batches, val_data, phase1_end)
     distributed.setup()  # under torchrun: one process per device, each on its slice of the global batch
     distributed.check_batch(cfg.batch_size)
     run, val_data = _build_run(teacher, processor, cfg, device, val_data, student, batches)
