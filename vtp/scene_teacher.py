@@ -47,7 +47,7 @@ FIVE_FAMILIES = {"families": ["exist", "count", "query_color", "query_shape", "r
                  "max_objects": 7, "max_count": 3}
 #: The recipe (a dict, so that a results file can record it as it is), "scenes" model preset; the full run's
 #: scenes: five families (no two-count comparisons), 3-7 objects, counts to three.
-SCENE_TEACHER_RECIPE = {"model": {}, "scene": FIVE_FAMILIES, "lr": 5e-4, "batch_size": 128, "questions_per_image": 4,
+SCENE_TEACHER_RECIPE = {"model": {}, "scene": FIVE_FAMILIES, "lr": 2.5e-4, "batch_size": 128, "questions_per_image": 4,
                         "warmup_steps": 300, "pool_images": 24_000, "dense_pretrain_s": 60,
                         "question_first": True, "compile": True, "evidence_weight": 1.0, "position_weight": 1.0,
                         "contents_weight": 1.0}
