@@ -3,11 +3,10 @@ the pipeline's FLOPs model against torch's FlopCounterMode, the pruned pipeline 
 language model, ratio 1 generates the unpatched model's tokens, the patched prefill reads back to the host only
 where documented, goals and bad input."""
 import json
-import traceback
 
 import pytest
+from conftest import HostReads
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 import vtp
@@ -96,43 +95,15 @@ def test_time_interleaved_warms_up_every_configuration_then_interleaves():
         time_interleaved({}, 1, device="cpu")
 
 
-HOST_READS = {"_local_scalar_dense", "nonzero", "bincount", "lift_fresh"}  # lift_fresh: a tensor from host data
-
-
-class _HostReads(TorchDispatchMode):
-    """Ops that, on a GPU, read a device tensor back to the host or copy host data to it (and so wait for the GPU),
-    by the function of ``vtp/<file>`` that made them; ``.tolist()`` reads too (a read that dispatches nothing on a
-    CPU), recorded by the caller's patch of ``torch.Tensor.tolist``."""
-
-    def __init__(self):
-        super().__init__()
-        self.sites = []
-
-    def record(self, op):
-        """Record ``op`` when the code that made it (the innermost frame outside torch and this file) is vtp's."""
-        frames = [f for f in traceback.extract_stack() if "/torch/" not in f.filename.replace("\\", "/")
-                  and f.filename != __file__]
-        where = frames[-1].filename.replace("\\", "/")
-        if "/vtp/" in where:
-            self.sites.append((where.rsplit("/", 1)[-1], frames[-1].name, op))
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.__name__.split(".")[0]
-        boolean_index = name == "index" and any(i is not None and i.dtype == torch.bool for i in args[1])
-        if name in HOST_READS or boolean_index:
-            self.record(name if not boolean_index else "index with a boolean mask")
-        return func(*args, **(kwargs or {}))
-
-
-def test_patched_prefill_reads_back_to_the_host_only_where_documented(tiny, monkeypatch):
-    """vtp.patch's prefill waits for the GPU three times (the visual positions, one read of the images' sizes, one
-    of the kept counts); the decode steps never. Removed: ``bool(visual.any())`` before the prefill, the three
-    reads and two bincount reads of counting the images, the boolean-mask indexing of the scorable tokens, the copy
-    of a host ``True``, the three reads of "all kept" / K / the padding side, and (no padding: no mask passed) the
-    model's own check that the mask is all ones. The pruner's check of its validity mask is its own."""
+def test_patched_prefill_reads_back_to_the_host_only_where_documented(tiny):
+    """vtp.patch's top-k prefill never waits for the GPU, nor do the decode steps: its one read is the layout
+    (image tokens per sample, the mask's padding), which on a GPU is a non-blocking copy queued at the start of the
+    prefill (``HostCopy``; on the CPU read at once). Removed: ``bool(visual.any())`` before the prefill, the visual
+    positions' ``nonzero``, the reads of the images' sizes, the copy of a host ``True``, the pruner's check of its
+    validity mask (images of one size: no mask), the read of "all kept" / K / the padding side, and (no padding: no
+    mask passed) the model's own check that the mask is all ones."""
     config, model, pruner, inputs = tiny
-    counter = _HostReads()
-    tolist = torch.Tensor.tolist
+    counter = HostReads()
     masks = []
     hook = model.model.language_model.register_forward_pre_hook(
         lambda module, args, kwargs: masks.append(kwargs.get("attention_mask")), with_kwargs=True)
@@ -140,15 +111,15 @@ def test_patched_prefill_reads_back_to_the_host_only_where_documented(tiny, monk
     try:
         with torch.no_grad():
             generate(model, inputs, 1)  # warm: nothing lazily built inside the counted call
-            monkeypatch.setattr(torch.Tensor, "tolist", lambda t: (counter.record("tolist"), tolist(t))[1])
             with counter:
                 out = generate(model, inputs, 3)
     finally:
         vtp.unpatch(model)
         hook.remove()
     assert out.shape[1] == inputs["input_ids"].shape[1] + 3
-    reads = sorted(site[1:] for site in counter.sites if site[0] in ("patch.py", "selection.py"))
-    assert reads == [("_images", "tolist"), ("_prefill", "nonzero"), ("_prefill", "tolist")], counter.sites
+    reads = sorted(site for site in counter.sites if site[0] in ("patch.py", "patch_layout.py", "selection.py",
+                                                                  "pruner.py"))
+    assert reads == [("patch_layout.py", "__init__", "tolist")], counter.sites
     assert masks[-3] is None  # the prefill of the counted call: no padding, every sample keeps k, no mask
 
 

@@ -1,11 +1,12 @@
 """vtp.patch / vtp.unpatch on tiny random models of every supported family (LLaVA, LLaVA-NeXT, Qwen2-VL,
 Qwen2.5-VL): ratio 1 is the unpatched model, generate() equals a manual greedy loop over the kept tokens with their
 original positions, exact kept counts per image, unpatch restores, a padded batch equals per-sample runs,
-train-mode policy masking equals removal, and bad input raises."""
+train-mode policy masking equals removal, the top-k prefill reads nothing back to the host (the threshold rule its
+kept counts), and bad input raises."""
 import inspect
 
 import pytest
-from conftest import run_readme_snippet
+from conftest import HostReads, run_readme_snippet
 import torch
 from transformers import (CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration,
                           Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig,
@@ -239,6 +240,72 @@ def test_exact_kept_count_per_image(family, model, ratio, min_keep):
         dropped = (inputs["input_ids"] == IMG).sum(-1) - state.n_visual  # padding stays where it was
         assert out.shape[1] == int((inputs["input_ids"].shape[1] - dropped).max())
         assert torch.equal(state.attention_mask.sum(-1), n_text + state.n_visual)
+    finally:
+        unpatch(model)
+
+
+LAYOUT_READ = ("patch_layout.py", "__init__", "tolist")  # on a GPU: a non-blocking copy queued at the prefill's start
+WAITS = {  # the reads beyond it where a size depends on the GPU's data (conftest.HostReads: file, function, op)
+    "llava_next": [("patch.py", "_prefill", "tolist"),  # newline tokens found by value: sizes, then kept counts
+                   ("patch_layout.py", "count_images", "nonzero"), ("patch_layout.py", "count_images", "tolist"),
+                   ("patch_layout.py", "on_device", "lift_fresh")],  # pinned and non-blocking on a GPU: no wait
+    "mixed sizes": [("patch_layout.py", "on_device", "lift_fresh"),  # the same copy of the images' sizes
+                    ("pruner.py", "_valid", "_local_scalar_dense"),  # the pruner checks the padded images' mask,
+                    ("pruner.py", "_valid", "_local_scalar_dense")],  # in forward and again in its rule
+    "threshold": [("patch.py", "_prefill", "tolist")],  # the kept counts
+}
+
+
+def host_reads(model, inputs, new_tokens=None):
+    """What vtp's code reads back to the host (:class:`conftest.HostReads`) in one patched forward, or in
+    generate() of ``new_tokens`` (decode steps included)."""
+    with torch.no_grad():
+        logits(model, inputs)  # warm: nothing lazily built inside the counted call
+        with HostReads() as counter:
+            logits(model, inputs) if new_tokens is None else generate(model, inputs, new_tokens)
+    return sorted(counter.sites)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_topk_prefill_never_waits_for_the_gpu(family, model, side):
+    """Top-k: every size is a host number, so a patched forward and generate() read nothing back but the layout
+    (image tokens per sample, the mask's padding) — prompts padded on either side included. Would fail on any
+    ``.item()``, ``bool(tensor)``, ``.tolist()``, ``nonzero`` or boolean-mask index brought back into the path."""
+    samples = (0, 0) if family.startswith("qwen") else (0, 1)  # qwen's samples 0 and 1 have images of two sizes
+    inputs = make_inputs(family, samples=samples, side=side)
+    patch(model, make_pruner(model), ratio=0.25)
+    try:
+        expected = sorted([LAYOUT_READ] + WAITS.get(family, []))
+        assert host_reads(model, inputs) == expected
+        assert host_reads(model, inputs, new_tokens=3) == expected
+        assert model.vtp_last.index.shape[1] < inputs["input_ids"].shape[1]
+    finally:
+        unpatch(model)
+
+
+def test_prefill_waits_only_where_a_size_depends_on_the_data(family, model):
+    """The reads that remain: the threshold rule's kept counts; images of several sizes (the pruner's check of their
+    validity mask); LLaVA-NeXT's sizes."""
+    patch(model, make_pruner(model), ratio=0.25)
+    try:
+        mixed = WAITS["mixed sizes"] if family.startswith("qwen") else []
+        assert host_reads(model, make_inputs(family)) == sorted([LAYOUT_READ] + mixed + WAITS.get(family, []))
+        model.vtp_rule = "threshold"
+        reads = host_reads(model, make_inputs(family))
+        assert reads == sorted([LAYOUT_READ] + mixed + WAITS.get(family, WAITS["threshold"]))
+    finally:
+        unpatch(model)
+
+
+def test_no_cache_and_no_mask_keeps_the_gaps_in_the_positions(family, model):
+    """Without a cache and a mask the model would take the gaps that pruning leaves in the position ids for the
+    boundaries of packed sequences: the patched prefill passes the mask then."""
+    inputs = {k: v for k, v in make_inputs(family, samples=(0,)).items() if k != "attention_mask"}
+    patch(model, make_pruner(model), ratio=0.25)
+    try:
+        with torch.no_grad():
+            cached, uncached = model(**inputs, use_cache=True).logits, model(**inputs, use_cache=False).logits
+        assert torch.allclose(uncached, cached, atol=1e-5, rtol=0)
     finally:
         unpatch(model)
 

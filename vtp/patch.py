@@ -28,10 +28,12 @@ Selection per image: top-k keeps exactly :math:`\max(\text{min\_keep}, \operator
 :math:`N` scorable tokens of each image. Only image tokens are pruned (a Qwen2-VL video's tokens are kept). A
 question-aware pruner gets the mean input embedding of its sample's question
 (:func:`vtp.selection.question_embedding`).
-An eval-mode prefill waits for the GPU three times (the visual positions, the images' sizes, the kept counts; the
-pruner's check of its validity mask aside), a decode step never. ``vtp.unpatch(model)`` restores the original
-methods. Tested: greedy decoding with the default dynamic cache; a static cache (4-D masks) raises; gradient
-checkpointing is not supported in train mode.
+With the top-k rule an eval-mode prefill never waits for the GPU: every size it needs is a host number
+(:mod:`vtp.patch_layout`), provided the pruner's top-k keeps exactly that many per image, as
+:class:`vtp.GumbelVisionPruner` does. It waits with the threshold rule (the kept counts), for images of several
+sizes (the pruner's check of its validity mask) and for LLaVA-NeXT (the images' sizes); a decode step never waits.
+``vtp.unpatch(model)`` restores the original methods. Tested: greedy decoding with the default dynamic cache; a
+static cache (4-D masks) raises; gradient checkpointing is not supported in train mode.
 """
 from __future__ import annotations
 
@@ -45,6 +47,7 @@ from transformers import (LlavaForConditionalGeneration, LlavaNextForConditional
                           Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration)
 
 from .attention import policy_attention
+from .patch_layout import find_images, kept_lengths, read_layout
 from .pruner import check_ratio
 from .selection import question_embedding, select_visual  # re-exported: public names of vtp.patch
 
@@ -212,8 +215,12 @@ def _inner_forward(p, original, *args, **kwargs):
     state = p.model.vtp_last
     if past == 0:
         p.model.vtp_last = None  # a new sequence: forget the last prefill
-        # whether the prompt holds any image token is known only at the prefill (one host read for all)
         p.call["visual"] = None if ids is None else ids == p.image_token_id
+        if ids is not None:  # queued for the host now, read by the prefill without a wait
+            p.call["layout"] = read_layout(p.call["visual"], kwargs.get("attention_mask"))
+        image = (kwargs.get("mm_encoder_outputs") or {}).get("image")
+        if image is not None:  # images encoded before the forward (as generate() does)
+            p.call["counts"] = _feature_counts(image)
     elif state is not None and state.index is not None and not p.model.training:
         p.call["decode"] = state
         if kwargs.get("position_ids") is None:
@@ -232,9 +239,13 @@ def _image_features(p, original, *args, **kwargs):
     """The inner model's ``get_image_features``: records each image's number of visual tokens."""
     out = original(*args, **kwargs)
     if p.call is not None:
-        feats = getattr(out, "pooler_output", out)
-        p.call["counts"] = [int(f.shape[0]) for f in feats]
+        p.call["counts"] = _feature_counts(out)
     return out
+
+
+def _feature_counts(out) -> list:
+    """Each image's number of visual tokens in the output of ``get_image_features`` (shapes: host numbers)."""
+    return [int(f.shape[0]) for f in getattr(out, "pooler_output", out)]
 
 
 def _lm_forward(p, original, *args, **kwargs):
@@ -255,90 +266,81 @@ def _cache(kwargs):
     return kwargs.get("cache", kwargs.get("past_key_values"))  # transformers >= 5.2x renamed past_key_values
 
 
-def _images(visual, scorable, counts, b, l):
-    """Scorable visual positions ``(b, l)`` with their image ``img`` and slot within the image: images come in
-    prompt order (as the visual tokens were scattered in); their sizes are ``counts`` when known, else each run
-    of consecutive image tokens is one image. ``b, l`` are all visual positions (``visual.nonzero()``, row-major:
-    the order of masked_scatter); ``scorable`` ``None`` means every visual position is scorable.
-
-    One read-back to the host (the number of images and the largest image; with ``counts``, their copy to the device
-    too): the per-image counts are summed into a buffer of static size (there are at most as many images as visual
-    positions), not by ``bincount``, whose output size is read back from the device."""
-    size = b.numel()
-    if counts is not None and sum(counts) == size:
-        img = torch.repeat_interleave(torch.arange(len(counts), device=b.device), torch.tensor(counts, device=b.device),
-                                      output_size=size)
-    else:
-        start = visual & ~torch.nn.functional.pad(visual, (1, 0))[:, :-1]
-        img = start[b, l].long().cumsum(0) - 1
-    last = img.max() + 1
-    if scorable is not None:  # one index for the three (a boolean mask would read its size back three times)
-        kept = scorable[b, l].nonzero(as_tuple=True)[0]
-        b, l, img = b[kept], l[kept], img[kept]
-    n = torch.zeros(size, dtype=torch.long, device=img.device).index_add_(0, img, torch.ones_like(img))
-    n_images, n_max = torch.stack([last, n.max()]).tolist()
-    n = n[:n_images]
-    slot = torch.arange(img.numel(), device=img.device) - (n.cumsum(0) - n)[img]
-    return b, l, img, slot, n_images, n_max
-
-
 def _score(p, call, embeds, attention_mask, b, l):
-    """Score every image's visual tokens (at ``b, l``) once; keep policy ``[B, L]`` (1 = text / kept) and the
-    :class:`PatchState`."""
+    """Score every image's visual tokens (at ``b, l``) once; keep policy ``[B, L]`` (1 = text / kept), the
+    :class:`PatchState` and the images' sizes where the host knows them (:func:`~vtp.patch_layout.find_images`)."""
     m = p.model
     B, L, d = embeds.shape
     visual = call["visual"]
     scorable = None
     if p.newline is not None:  # LLaVA-NeXT's image-newline embeddings: layout, never pruned
         scorable = visual & ~(embeds == p.newline.to(embeds.dtype)).all(-1)
-    b, l, img, slot, n_images, n_max = _images(visual, scorable, call.get("counts"), b, l)
+    b, l, img, slot, n_images, n_max, sizes = find_images(visual, scorable, call.get("counts"), b, l)
     tokens = embeds.new_zeros(n_images, n_max, d).index_put((img, slot), embeds[b, l])
     valid = torch.zeros(n_images, n_max, dtype=torch.bool, device=embeds.device).index_put(
-        (img, slot), torch.ones((), dtype=torch.bool, device=embeds.device))  # a CPU value would be copied: a sync
+        (img, slot), torch.ones((), dtype=torch.bool, device=embeds.device))  # a CPU value would be copied: a wait
     image_sample = torch.zeros(n_images, dtype=torch.long, device=embeds.device).index_put((img,), b)
     text = question_embedding(embeds, visual, attention_mask, call.get("labels"))[image_sample]
-    out = select_visual(m.vtp_pruner, tokens, valid, text, ratio=check_ratio(m.vtp_ratio, "model.vtp_ratio"),
-                        rule=m.vtp_rule, min_keep=m.vtp_min_keep)
+    padded = n_images * n_max != b.numel()  # images of one size need no validity mask (the pruner reads one back)
+    out = select_visual(m.vtp_pruner, tokens, valid if padded else None, text,
+                        ratio=check_ratio(m.vtp_ratio, "model.vtp_ratio"), rule=m.vtp_rule, min_keep=m.vtp_min_keep)
     keep = torch.ones(B, L, dtype=out.mask.dtype, device=embeds.device).index_put((b, l), out.mask[img, slot])
     n_visual = (keep.detach() * visual).sum(-1).long()
     state = PatchState(out.keep_prob, out.mask, out.logits, valid, image_sample, n_visual, prompt_length=L)
-    return keep, state
+    return keep, state, sizes
+
+
+def _mask_flags(attn, layout, B):
+    """``(left, dense)`` of the prefill's 2-D mask ``attn``: its last column is all ones (left padding or none), all
+    of it is (no padding). From the copy :func:`~vtp.patch_layout.read_layout` queued at the prefill's start; a mask
+    that the inner model did not receive is read back."""
+    if attn is None:
+        return True, True
+    flags = layout[B:] or torch.stack([attn[:, -1].all(), attn.all()]).tolist()
+    return bool(flags[0]), bool(flags[1])
 
 
 def _prefill(p, original, call, kwargs):
-    """A prefill with image tokens in ``input_ids``. Host reads (each one waits for the GPU): the visual
-    positions (``nonzero``), the number of images and the largest (:func:`_images`), the pruner's check of its
-    validity mask, and in eval mode one read of the kept counts (fewest, most) and of the padding side."""
-    embeds, attn = kwargs["inputs_embeds"], kwargs.get("attention_mask")
-    b, l = call["visual"].nonzero(as_tuple=True)  # row-major: the order of masked_scatter
-    if b.numel() == 0:  # no image in the prompt: nothing to prune
+    """A prefill with image tokens in ``input_ids``. With the top-k rule nothing waits for the GPU: every output size
+    is a host number (:mod:`vtp.patch_layout`). Reads that wait: with the threshold rule the kept counts; for images
+    of several sizes the pruner's check of its validity mask; for LLaVA-NeXT the images' sizes."""
+    m, (embeds, attn) = p.model, (kwargs["inputs_embeds"], kwargs.get("attention_mask"))
+    B, L, d = embeds.shape
+    layout = call["layout"].get()  # image tokens per sample [B], then the mask's flags
+    per_sample = layout[:B]
+    if sum(per_sample) == 0:  # no image in the prompt: nothing to prune
         return original(**kwargs)
     if attn is not None and attn.dim() != 2:
         raise ValueError(f"vtp.patch needs a 2-D attention mask (batch, seq), got shape {tuple(attn.shape)}")
-    keep, state = _score(p, call, embeds, attn, b, l)
-    p.model.vtp_last = call["state"] = state
-    if p.model.training:  # masking = removal: the policy-weighted attention, gradients to every decision
+    b, l = torch.nonzero_static(call["visual"], size=sum(per_sample)).unbind(1)  # row-major, as masked_scatter
+    keep, state, sizes = _score(p, call, embeds, attn, b, l)
+    m.vtp_last = call["state"] = state
+    if m.training:  # masking = removal: the policy-weighted attention, gradients to every decision
         with policy_attention(p.lm):
             return original(**kwargs, keep_policy=keep)
     keep = keep.bool()
-    B, L, d = embeds.shape
     lengths = keep.sum(-1)
-    reads = [lengths.min(), lengths.max()] + ([] if attn is None else [attn[:, -1].all().long()])
-    fewest, K, *left = torch.stack(reads).tolist()  # one read-back for the three
+    topk = m.vtp_rule == "topk" and not m.vtp_pruner.training
+    kept = kept_lengths(sizes, per_sample, L, m.vtp_ratio, m.vtp_min_keep) if topk else None
+    if kept is None:  # the threshold rule, or sizes that only the device knows: one read-back
+        kept = torch.stack([lengths.min(), lengths.max()]).tolist()
+    fewest, K = min(kept), max(kept)
     if fewest == L:  # every token kept
         return original(**kwargs)
+    left, dense = _mask_flags(attn, layout, B)
     full = torch.ones(B, L, dtype=torch.long, device=embeds.device) if attn is None else attn
-    index, valid = _kept_index(keep, bool(left[0]) if left else True, lengths, K)
+    index, valid = _kept_index(keep, left, lengths, K)
     pos = kwargs.get("position_ids")
     pos = torch.arange(L, device=embeds.device) if pos is None else pos
     pos = pos.expand(*pos.shape[:-2], B, L)  # [B, L], or [3 or 4, B, L] with M-RoPE
     state.index, state.attention_mask = index, full.gather(1, index) * valid
     real = pos if pos.dim() == 2 else pos[-3:].amax(0)  # M-RoPE: decode positions continue after the largest
     state.next_position = real.masked_fill(full == 0, -1).amax(-1) + 1
-    # no padding and every sample keeps K: no mask, as generate passes for an unpadded prompt (an all-ones mask
-    # would cost the model a read-back to check it)
+    # no padding, every sample keeps K, and a cache: no mask, as for an unpadded prompt (the model would read an
+    # all-ones mask back to check it; without a cache it would take the gaps in the positions for packed sequences)
+    dense = dense and fewest == K and (_cache(kwargs) is not None or bool(kwargs.get("use_cache")))
     kwargs.update(inputs_embeds=embeds.gather(1, index.unsqueeze(-1).expand(-1, -1, d)),
-                  attention_mask=None if attn is None and fewest == K else state.attention_mask,
+                  attention_mask=None if dense else state.attention_mask,
                   position_ids=pos.gather(-1, index.expand(*pos.shape[:-2], -1, -1)))
     return original(**kwargs)
 

@@ -21,7 +21,7 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 from .attention import Removed, remove_tokens
 from .pruner import check_ratio
-from .selection import select_visual, topk_index, visual_keep_prob
+from .selection import kept_tokens, select_visual, topk_index, visual_keep_prob  # kept_tokens: public here too
 
 __all__ = ["KVCache", "kept_tokens", "decoder_layer", "DecoderStack", "run_layers", "prefill", "PrunedPrefill",
            "REMOVALS", "reference_removal", "CACHE_KWARG"]
@@ -35,13 +35,6 @@ def _pos_int(value, name: str, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
     return value
-
-
-def kept_tokens(ratio, n_visual: int = 576, min_keep: int = 1) -> int:
-    """Visual tokens the top-k rule keeps: ``max(min_keep, round(ratio * n_visual))`` (as the pruner does)."""
-    r, n = check_ratio(ratio, "ratio"), _pos_int(n_visual, "n_visual")
-    k = int(torch.round(r * torch.tensor(float(n))))  # same float32 arithmetic as topk_keep_mask
-    return min(n, max(min_keep, k))
 
 
 class KVCache:

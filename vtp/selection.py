@@ -14,16 +14,19 @@ selection splits into two functions that a graph can hold:
   :meth:`~vtp.GumbelVisionPruner.score` (under ``torch.compile``, the same math arranged for fused kernels);
 * :func:`topk_index`: the indices of the :math:`k` tokens that top-k keeps, with one ``torch.topk``.
 
-:func:`question_embedding` is the pooled question that a question-aware pruner reads.
+:func:`kept_tokens` is that budget, a host number: what top-k keeps of an image of :math:`N` tokens, known without
+looking at the scores. :func:`question_embedding` is the pooled question that a question-aware pruner reads.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from .gumbel import keep_probability
+from .pruner import check_ratio
 
-__all__ = ["question_embedding", "select_visual", "visual_keep_prob", "topk_index"]
+__all__ = ["question_embedding", "select_visual", "visual_keep_prob", "topk_index", "kept_tokens"]
 
 
 def question_embedding(embeds, visual_mask, attention_mask=None, labels=None) -> torch.Tensor:
@@ -121,3 +124,15 @@ def topk_index(keep_prob: torch.Tensor, k: int, tiebreak: torch.Tensor | None = 
     key = (prob.view(torch.int32).long() << 32) | tiebreak
     best = (n - 1) - (key.topk(k, dim=-1, sorted=False).values & 0xFFFFFFFF)
     return best.sort(dim=-1).values
+
+
+def kept_tokens(ratio, n_visual: int = 576, min_keep: int = 1) -> int:
+    r"""Tokens the top-k rule keeps of :math:`N` = ``n_visual``:
+    :math:`\min(N, \max(\text{min\_keep}, \operatorname{round}(\rho N)))`, in the float32 arithmetic of
+    :func:`vtp.pruner.topk_keep_mask`, on the host (nothing read from a device)."""
+    r = check_ratio(ratio, "ratio")
+    for value, name in ((n_visual, "n_visual"), (min_keep, "min_keep")):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    k = int(np.round(np.float32(r) * np.float32(n_visual)))  # float32, rounded half to even as torch.round
+    return min(n_visual, max(min_keep, k))
