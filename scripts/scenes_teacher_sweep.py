@@ -38,7 +38,7 @@ EVAL_RESERVE_S = {"full": 50.0, "smoke": 12.0}  # evaluation: 7 passes over 10,0
 KEEP = 64 / 576  # the issue's tightest budget
 _BASE = {"model": {}, "scene": {}, "lr": 5e-4, "batch_size": 128, "questions_per_image": 4, "warmup_steps": 300,
          "pool_images": 24_000, "dense_pretrain_s": 0, "question_first": False, "compile": False, "evidence_weight": 0.0,
-         "position_weight": 0.0, "contents_weight": 0.0}
+         "position_weight": 0.0, "contents_weight": 0.0, "where_weight": 0.0}
 CONFIGS = {
     "pilot_qpi4": {},
     "lr1e-3_b256": {"lr": 1e-3, "batch_size": 256, "questions_per_image": 8, "warmup_steps": 500},
@@ -68,6 +68,14 @@ CONFIGS = {
                                    "evidence_weight": 1.0, "position_weight": 1.0, "contents_weight": 1.0,
                                    "scene": {"families": ["exist", "count", "query_color", "query_shape", "relation"],
                                              "min_objects": 3, "max_objects": 7, "max_count": 3}},
+    # + the where loss (vtp.scene_teacher.EvidenceLoss): the answer position states the described objects' centres,
+    # at the learning rate of lesson 10's second full run (5e-4 sat on a plateau for half the run)
+    "qfirst_dense60_5fam_ev_pos_where": {"dense_pretrain_s": 60, "question_first": True, "compile": True, "lr": 2.5e-4,
+                                         "evidence_weight": 1.0, "position_weight": 1.0, "contents_weight": 1.0,
+                                         "where_weight": 1.0,
+                                         "scene": {"families": ["exist", "count", "query_color", "query_shape",
+                                                            "relation"], "min_objects": 3, "max_objects": 7,
+                                                   "max_count": 3}},
     "qfirst_dense60_ev": {"dense_pretrain_s": 60, "question_first": True, "compile": True, "evidence_weight": 1.0},
     "qfirst_dense90_5fam": {"dense_pretrain_s": 90, "question_first": True, "compile": True,
                             "scene": {"families": ["exist", "count", "query_color", "query_shape", "relation"],
@@ -82,7 +90,10 @@ SMOKE_CONFIGS = {"smoke_a": {"lr": 2e-3}, "smoke_b": {"lr": 1e-3, "questions_per
                  "smoke_dense": {"lr": 2e-3, "dense_pretrain_s": 5},
                  "smoke_ev": {"lr": 2e-3, "dense_pretrain_s": 5, "question_first": True, "evidence_weight": 1.0},
                  "smoke_ev_pos": {"lr": 2e-3, "dense_pretrain_s": 5, "question_first": True, "evidence_weight": 1.0,
-                                  "position_weight": 1.0, "contents_weight": 1.0}}
+                                  "position_weight": 1.0, "contents_weight": 1.0},
+                 "smoke_ev_pos_where": {"lr": 2e-3, "dense_pretrain_s": 5, "question_first": True,
+                                        "evidence_weight": 1.0, "position_weight": 1.0, "contents_weight": 1.0,
+                                        "where_weight": 1.0}}
 
 
 def _recipe(name: str, smoke: bool) -> dict:

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from vtp.scene_pretrain import LABELS, evidence_roles, patch_labels
+from vtp.scene_pretrain import DESCRIBED, LABELS, evidence_centres, evidence_roles, patch_labels
 from vtp.scene_teacher import EvidenceLoss, scene_config, train_scene_teacher, training_pool
 from vtp.scenes import SceneConfig, generate_split, render_scene
 
@@ -67,6 +67,70 @@ def test_evidence_loss_reads_visual_positions_and_learns():
         loss_fn(batch, type("Out", (), {"hidden": hidden[:, :10], "visual_mask": visual[:, :10]})())
     with pytest.raises(ValueError, match="weight"):
         EvidenceLoss(D, roles, weight=0.0)
+
+
+def test_evidence_centres_are_the_described_objects():
+    cfg = SceneConfig()
+    split = generate_split("train", 300, cfg, seed=(7, 0))
+    c = evidence_centres(split)
+    assert c.shape == (len(split), 2, 2)
+    for q, fam in enumerate(split.families):
+        known = ~c[q].isnan().any(-1)
+        assert known.tolist() == [fam in DESCRIBED, fam == "relation"], (fam, c[q])
+        objs = split.objects[int(split.image_ids[q])]
+        for k in range(int(known.sum())):
+            o = objs[split.evidence_objects[q][k]]
+            assert torch.allclose(c[q, k], torch.tensor([o.x, o.y], dtype=torch.float32) / cfg.image_size)
+    assert bool(((c[~c.isnan()] >= 0) & (c[~c.isnan()] <= 1)).all())  # on the canvas
+
+
+def _where_case(B=4, L=12, D=8):
+    centres = torch.full((10, 2, 2), float("nan"))
+    centres[0, 0] = torch.tensor([0.2, 0.7])  # a query: one object
+    centres[3] = torch.tensor([[0.1, 0.5], [0.9, 0.4]])  # a relation: two
+    labels = torch.full((B, L), -100)
+    answer_at = torch.tensor([9, 10, 7, 11])  # labels[:, t + 1] is the answer: t = 8, 9, 6, 10
+    labels[torch.arange(B), answer_at] = 5
+    batch = {"index": torch.tensor([0, 3, 5, 9]), "labels": labels}
+    hidden = torch.randn(B, L, D, requires_grad=True)
+    return centres, batch, type("Out", (), {"hidden": hidden, "visual_mask": torch.zeros(B, L, dtype=torch.bool)})()
+
+
+def test_where_loss_reads_the_answer_position_and_learns():
+    torch.manual_seed(0)
+    centres, batch, out = _where_case()
+    loss_fn = EvidenceLoss(8, torch.zeros(10, 4, dtype=torch.long), weight=0.0, centres=centres, where_weight=1.0)
+    loss = loss_fn(batch, out)
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    loss.backward()
+    grad = out.hidden.grad.abs().sum(-1)  # [B, L]
+    expect = torch.zeros_like(grad, dtype=torch.bool)
+    expect[0, 8] = expect[1, 9] = True  # only questions 0 and 3 describe objects: their answer positions
+    assert torch.equal(grad > 0, expect)
+    opt = torch.optim.SGD(list(loss_fn.parameters()) + [out.hidden], lr=0.02)
+    first = loss.item()
+    for _ in range(300):
+        opt.zero_grad()
+        loss = loss_fn(batch, out)
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.05 * first
+    assert torch.allclose(loss_fn.where(out.hidden[1, 9]), centres[3].flatten(), atol=0.05)
+    none = {"index": torch.tensor([5, 9]), "labels": batch["labels"][2:]}  # no described object: a zero, not NaN
+    assert loss_fn(none, type("Out", (), {"hidden": out.hidden[2:]})()).item() == 0.0
+
+
+def test_where_loss_rejects_bad_weights():
+    centres, _, _ = _where_case()
+    roles = torch.zeros(10, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match="where_weight > 0 needs centres"):
+        EvidenceLoss(8, roles, where_weight=1.0)
+    with pytest.raises(ValueError, match="where_weight > 0 needs centres"):
+        EvidenceLoss(8, roles, where_weight=1.0, centres=centres[:5])
+    with pytest.raises(ValueError, match="where_weight must be a finite number"):
+        EvidenceLoss(8, roles, where_weight=float("nan"), centres=centres)
+    with pytest.raises(ValueError, match="weight or where_weight"):
+        EvidenceLoss(8, roles, weight=0.0, where_weight=0.0, centres=centres)
 
 
 def test_training_pool_is_deterministic_and_indexes_its_images():

@@ -25,7 +25,9 @@ attention is arbitrary (in the first scenes teacher it avoided the objects).
 **Evidence roles** (:func:`evidence_roles`), for an auxiliary loss of the teacher on the language model's
 visual positions: per question and patch, 0 = not evidence, 1 = a patch of the (first) described object(s),
 2 = a patch of the second object of a ``relation`` question. Answers that assert absence (``exist`` "no",
-``count`` "zero") describe no object: all 0.
+``count`` "zero") describe no object: all 0. **Evidence centres** (:func:`evidence_centres`): the centres of the
+objects a question describes uniquely (the queried object, the two objects of a relation), for the teacher's
+"where" term (:class:`vtp.scene_teacher.EvidenceLoss`).
 
 **Loss.** Linear heads on the tower's last hidden states :math:`h_j` (the features LLaVA's projector reads);
 with :math:`\ell_{a,j} = -\log \operatorname{softmax}(W_a h_j)_{y_{a,j}}` and :math:`O` the patches an object
@@ -57,11 +59,13 @@ from .scenes import SceneConfig, _object_mask
 from .train.schedule import lr_factor, set_lr
 from .train.steps import step
 
-__all__ = ["LABELS", "CENTRE_XY", "ROLES", "patch_labels", "evidence_roles", "pretrain_vision"]
+__all__ = ["LABELS", "CENTRE_XY", "ROLES", "DESCRIBED", "patch_labels", "evidence_roles", "evidence_centres",
+           "pretrain_vision"]
 
 LABELS = ("color", "shape", "size", "centre", "row", "col")  # classes; then CENTRE_XY, regression targets
 CENTRE_XY = ("x", "y")  # the owner's centre, px (-1 on background): label columns len(LABELS), len(LABELS) + 1
 ROLES = ("none", "first", "second")  # evidence_roles classes
+DESCRIBED = ("query_color", "query_shape", "relation")  # families whose evidence objects are uniquely described
 
 
 def _label_one(objects, cfg: SceneConfig) -> np.ndarray:
@@ -116,6 +120,20 @@ def evidence_roles(split) -> torch.Tensor:
             role = 2 if fam == "relation" and k == 1 else 1
             out[q, _patches(objs[i], cfg)] = role
     return torch.from_numpy(out)
+
+
+def evidence_centres(split) -> torch.Tensor:
+    """Centres float32 [Q, 2, 2] of the objects each question describes uniquely, in canvas units (px / side):
+    ``[q, 0]`` the (first) described object's (x, y), ``[q, 1]`` the second object of a ``relation``; NaN where a
+    question describes no such object (families outside :data:`DESCRIBED`, and ``[q, 1]`` outside relations)."""
+    out = torch.full((len(split), 2, 2), float("nan"))
+    images = split.image_ids.tolist()
+    for q, (fam, ev) in enumerate(zip(split.families, split.evidence_objects)):
+        if fam in DESCRIBED:
+            objs = split.objects[images[q]]
+            for k, i in enumerate(ev[:2]):
+                out[q, k] = torch.tensor([objs[i].x, objs[i].y]) / split.cfg.image_size
+    return out
 
 
 def _heads(width: int, cfg: SceneConfig) -> nn.ModuleDict:

@@ -11,8 +11,8 @@ r"""The teacher of the scenes benchmark (:mod:`vtp.scenes`, 576 visual tokens): 
    which (colour, shape) pairs the scene holds, as CLIP's summarises an image.
 3. **Question answering** (:func:`vtp.train.train_teacher`) for the rest of the budget, with the question
    before the image as well as after it (``question_first``: the causal language model's visual positions
-   see what is asked) and, if ``evidence_weight`` > 0, an auxiliary loss on those positions
-   (:class:`EvidenceLoss`).
+   see what is asked) and, if ``evidence_weight`` > 0, an auxiliary loss on those positions, and if
+   ``where_weight`` > 0 one on the position that predicts the answer (:class:`EvidenceLoss`).
 
 **Evidence loss.** With :math:`h_{b,j}` the language model's last hidden state at visual position :math:`j` of
 question :math:`b`, :math:`r_{b,j} \in \{0, 1, 2\}` its evidence role (:func:`vtp.scene_pretrain.evidence_roles`:
@@ -22,14 +22,31 @@ not evidence, first described object, second object of a relation) and :math:`E_
     \mathcal{L}_\text{ev} = \frac{1}{BN}\sum_{b,j} \ell_{b,j} + \frac{1}{\sum_b |E_b|}\sum_b \sum_{j \in E_b}
     \ell_{b,j},\qquad \ell_{b,j} = -\log \operatorname{softmax}(W h_{b,j})_{r_{b,j}},
 
-and the teacher minimises :math:`\mathcal{L}_\text{answer} + \lambda\,\mathcal{L}_\text{ev}`. One answer token
-per question is a sparse signal for learning which of 576 patches a question is about; the generator knows
-them, so every visual position gets a target. The head :math:`W` is dropped after training: the teacher is a
-plain ``LlavaForConditionalGeneration``.
+One answer token per question is a sparse signal for learning which of 576 patches a question is about; the
+generator knows them, so every visual position gets a target.
+
+**Where loss.** A relation compares two objects' centres. The language model reads the visual tokens in
+row-major order, so its 1-D positions tell which object comes first, which orders the rows (above / below) but
+not the columns; left / right must be read from the features, and one answer token rewards that only once the
+whole circuit (find both objects, read both centres, compare) works. Measured in lesson 10: above / below
+answered, left / right at chance, although the tower's features encode each object's centre. The where loss
+asks the position :math:`a_b` that predicts the answer to state the centres :math:`c_{b,o}` (canvas units,
+:func:`vtp.scene_pretrain.evidence_centres`) of the objects :math:`o \in D_b` the question describes (the
+queried object; both objects of a relation), with a linear head :math:`V_o`:
+
+.. math::
+    \mathcal{L}_\text{where} = \frac{6}{\sum_b |D_b|} \sum_b \sum_{o \in D_b}
+    \big\lVert V_o h_{b,a_b} - c_{b,o} \big\rVert^2
+
+(the factor 6 as in :mod:`vtp.scene_pretrain`: guessing the canvas centre costs about 1). The teacher minimises
+:math:`\mathcal{L}_\text{answer} + \lambda\,\mathcal{L}_\text{ev} + \mu\,\mathcal{L}_\text{where}`
+(``evidence_weight`` :math:`\lambda`, ``where_weight`` :math:`\mu`). The heads :math:`W, V` are dropped after
+training: the teacher is a plain ``LlavaForConditionalGeneration``.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 import multiprocessing
 import time
 
@@ -37,7 +54,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .scene_pretrain import ROLES, evidence_roles, patch_labels, pretrain_vision
+from .scene_pretrain import ROLES, evidence_centres, evidence_roles, patch_labels, pretrain_vision
 from .scenes import SceneConfig, encode_scenes, generate_split, scene_processor, scene_split
 
 __all__ = ["SCENE_TEACHER_RECIPE", "SMOKE_RECIPE", "TIME_BUDGET_S", "EvidenceLoss", "scene_config", "training_pool",
@@ -50,7 +67,7 @@ FIVE_FAMILIES = {"families": ["exist", "count", "query_color", "query_shape", "r
 SCENE_TEACHER_RECIPE = {"model": {}, "scene": FIVE_FAMILIES, "lr": 2.5e-4, "batch_size": 128, "questions_per_image": 4,
                         "warmup_steps": 300, "pool_images": 24_000, "dense_pretrain_s": 60,
                         "question_first": True, "compile": True, "evidence_weight": 1.0, "position_weight": 1.0,
-                        "contents_weight": 1.0}
+                        "contents_weight": 1.0, "where_weight": 1.0}
 #: CPU smoke runs: 64 px scenes of 16 tokens, the "smoke" model preset, seconds of training.
 SMOKE_RECIPE = {**SCENE_TEACHER_RECIPE, "scene": {**FIVE_FAMILIES, "image_size": 64, "patch_size": 16,
                                                   "sizes": [["small", 4], ["large", 6]], "min_objects": 2,
@@ -62,24 +79,49 @@ TIME_BUDGET_S = {"full": 460.0, "smoke": 25.0}  # the whole recipe, data generat
 
 
 class EvidenceLoss(nn.Module):
-    """The auxiliary evidence loss of the module docstring; ``roles`` int64 [Q, N] indexed by a batch's
-    ``index`` (the questions of the training data)."""
+    """The auxiliary loss of the module docstring, indexed by a batch's ``index`` (the questions of the training
+    data): evidence roles ``roles`` int64 [Q, N] at the visual positions (weight ``weight``), and, with
+    ``where_weight`` > 0, the described objects' centres ``centres`` float [Q, 2, 2]
+    (:func:`vtp.scene_pretrain.evidence_centres`, NaN where none) at the position that predicts the answer."""
 
-    def __init__(self, width: int, roles: torch.Tensor, weight: float = 1.0):
+    def __init__(self, width: int, roles: torch.Tensor, weight: float = 1.0, centres: torch.Tensor | None = None,
+                 where_weight: float = 0.0):
         super().__init__()
-        if not weight > 0:
-            raise ValueError(f"weight must be > 0, got {weight!r}")
+        for name, w in (("weight", weight), ("where_weight", where_weight)):
+            if not (isinstance(w, (int, float)) and math.isfinite(w) and w >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {w!r}")
+        if not weight + where_weight > 0:
+            raise ValueError("weight or where_weight must be > 0, got both 0")
+        if where_weight and (centres is None or centres.shape != (roles.shape[0], 2, 2)):
+            raise ValueError(f"where_weight > 0 needs centres of shape {(roles.shape[0], 2, 2)}, got "
+                             f"{None if centres is None else tuple(centres.shape)}")
         self.head, self.weight = nn.Linear(width, len(ROLES)), weight
+        self.where, self.where_weight = nn.Linear(width, 4), where_weight
         self.register_buffer("roles", roles.long(), persistent=False)
+        if centres is None:
+            centres = torch.full((roles.shape[0], 2, 2), float("nan"))
+        self.register_buffer("centres", centres.float().flatten(1), persistent=False)
 
-    def forward(self, batch: dict, out) -> torch.Tensor:
+    def _roles(self, batch: dict, out) -> torch.Tensor:
         h = out.hidden[out.visual_mask].float()  # [B*N, D], visual positions in order
         y = self.roles[batch["index"]].flatten()
         if h.shape[0] != y.shape[0]:
             raise ValueError(f"roles give {y.shape[0]} visual positions, the model {h.shape[0]}")
         ell = F.cross_entropy(self.head(h), y, reduction="none")
         on = (y > 0).float()
-        return self.weight * (ell.mean() + (ell * on).sum() / on.sum().clamp(min=1.0))
+        return ell.mean() + (ell * on).sum() / on.sum().clamp(min=1.0)
+
+    def _where(self, batch: dict, out) -> torch.Tensor:
+        c = self.centres[batch["index"]]  # [B, 4]: x, y of the first object, then of the second
+        t = (batch["labels"][:, 1:] != -100).int().argmax(-1)  # the position whose logits give the answer
+        h = out.hidden[torch.arange(t.shape[0], device=t.device), t].float()
+        known = ~c.isnan()
+        err = torch.where(known, self.where(h) - c.nan_to_num(), 0.0)
+        return 6.0 * err.pow(2).sum() / (known.sum() / 2).clamp(min=1.0)  # per object: 2 coordinates
+
+    def forward(self, batch: dict, out) -> torch.Tensor:
+        loss = self.weight * self._roles(batch, out) if self.weight else 0.0
+        return loss + self.where_weight * self._where(batch, out) if self.where_weight else loss
 
 
 def scene_config(recipe: dict) -> SceneConfig:
@@ -160,8 +202,9 @@ def train_scene_teacher(recipe: dict | None = None, time_budget_s: float = 420.0
     if budget < 1:
         raise RuntimeError(f"time_budget_s={time_budget_s} leaves no time for question answering")
     extra = None
-    if spec["evidence_weight"] > 0:
-        extra = EvidenceLoss(model.config.text_config.hidden_size, evidence_roles(pool), spec["evidence_weight"])
+    if spec["evidence_weight"] > 0 or spec["where_weight"] > 0:
+        extra = EvidenceLoss(model.config.text_config.hidden_size, evidence_roles(pool), spec["evidence_weight"],
+                             evidence_centres(pool), spec["where_weight"])
     cfg = TrainConfig(model=preset, model_overrides=model_cfg, steps=1_000_000, batch_size=spec["batch_size"],
                       lr=spec["lr"], warmup_steps=spec["warmup_steps"], augment={}, train_questions=None,
                       questions_per_image=spec["questions_per_image"], time_budget_s=budget, log_every=50,
