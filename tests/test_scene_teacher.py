@@ -39,6 +39,17 @@ def test_evidence_roles_mark_the_described_objects():
     assert bool((roles[rel][only_first] == 1).all())
 
 
+def _fit(loss_fn, batch, out, hidden, lr, steps) -> float:
+    """SGD on the head and the hidden states together; the loss after ``steps`` steps."""
+    opt = torch.optim.SGD(list(loss_fn.parameters()) + [hidden], lr=lr)
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = loss_fn(batch, out)
+        loss.backward()
+        opt.step()
+    return loss_fn(batch, out).item()
+
+
 def test_evidence_loss_reads_visual_positions_and_learns():
     torch.manual_seed(0)
     B, N, D = 4, 16, 8
@@ -55,14 +66,7 @@ def test_evidence_loss_reads_visual_positions_and_learns():
     assert loss.ndim == 0 and torch.isfinite(loss)
     loss.backward()
     assert hidden.grad[:, 2:2 + N].abs().sum() > 0 and hidden.grad[:, :2].abs().sum() == 0  # visual positions only
-    opt = torch.optim.SGD(list(loss_fn.parameters()) + [hidden], lr=1.0)
-    first = loss.item()
-    for _ in range(50):
-        opt.zero_grad()
-        loss = loss_fn(batch, out)
-        loss.backward()
-        opt.step()
-    assert loss.item() < 0.5 * first
+    assert _fit(loss_fn, batch, out, hidden, lr=1.0, steps=50) < 0.5 * loss.item()
     with pytest.raises(ValueError, match="visual positions"):
         loss_fn(batch, type("Out", (), {"hidden": hidden[:, :10], "visual_mask": visual[:, :10]})())
     with pytest.raises(ValueError, match="weight"):
@@ -107,14 +111,7 @@ def test_where_loss_reads_the_answer_position_and_learns():
     expect = torch.zeros_like(grad, dtype=torch.bool)
     expect[0, 8] = expect[1, 9] = True  # only questions 0 and 3 describe objects: their answer positions
     assert torch.equal(grad > 0, expect)
-    opt = torch.optim.SGD(list(loss_fn.parameters()) + [out.hidden], lr=0.02)
-    first = loss.item()
-    for _ in range(300):
-        opt.zero_grad()
-        loss = loss_fn(batch, out)
-        loss.backward()
-        opt.step()
-    assert loss.item() < 0.05 * first
+    assert _fit(loss_fn, batch, out, out.hidden, lr=0.02, steps=300) < 0.05 * loss.item()
     assert torch.allclose(loss_fn.where(out.hidden[1, 9]), centres[3].flatten(), atol=0.05)
     none = {"index": torch.tensor([5, 9]), "labels": batch["labels"][2:]}  # no described object: a zero, not NaN
     assert loss_fn(none, type("Out", (), {"hidden": out.hidden[2:]})()).item() == 0.0
