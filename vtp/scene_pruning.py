@@ -45,20 +45,12 @@ __all__ = ["BUDGETS", "SHARED", "PRESETS", "settings", "scene_pruner_config", "s
 BUDGETS = {"192": 192 / 576, "128": 128 / 576, "64": 64 / 576}
 SHARED = BUDGETS["64"]  # phase 1 trains at the smallest budget, as lesson 07 does
 
-# Step counts (data, so that a slower or faster GPU is one edit away). The full run's arithmetic, per training step
-# at batch 64 = 32 images x 2 questions, about 610 tokens per sequence (576 visual + the question before and after
-# the image), on a 4.2M-parameter language model and a 3.1M-parameter vision tower:
-#   weights: student LM forward + backward 3 x 64 x 610 x 2 x 4.2M = 1.0 TFLOP, frozen teacher LM forward 0.33,
-#   two vision-tower forwards on 32 images 2 x 32 x 577 x 2 x 3.1M = 0.23                  -> ~1.6 TFLOP in bf16;
-#   attention QK^T and AV: 4 layers x 64 x 610^2 x 256 x 4 = 0.1 TFLOP per forward, x 3 for the student (float32
-#   in the policy attention) + 1 for the teacher                                          -> ~0.4 TFLOP.
-#   The teacher's training step (batch 128 on 32 images, 2.7 TFLOP) ran at 25 steps/s: ~68 TFLOP/s effective, so
-#   ~24 ms, + ~6 ms of float32 attention matmuls, + ~10 ms for the policy attention's float32 [64, 4, 610, 610]
-#   tensors (~20 passes x 4 layers x 0.38 GB at ~3 TB/s), + eager (not compiled) kernels: ~45 ms per step, about
-#   22 steps/s for all trainings together on one GPU (they are GPU-bound at this length).
-#   9 trainings (3 seeds x learned + 2 controls) x (240 + 360) steps = 5,400 steps ~ 245 s on one GPU;
-#   ``time_budget_s`` = 330 s per training is the guard if the GPU is slower (phase 2 stops early, the run
-#   records where). The pool of 6,000 images x 4 questions is seen about 3 times per training.
+# Step counts (data, so that a slower or faster GPU is one edit away). Full-run estimate: a step at batch 64
+# (32 images x 2 questions, ~610 tokens each) costs ~2 TFLOP (student forward + backward, frozen teacher, two
+# vision-tower forwards, float32 policy attention), ~45 ms eager on one H200, ~22 steps/s for all trainings
+# together: 9 trainings (3 seeds x learned + 2 controls) x (240 + 360) steps ~ 245 s. ``time_budget_s`` = 330 s
+# per training guards a slower GPU (phase 2 stops early, the run records where). The pool of 6,000 images x 4
+# questions is seen about 3 times per training.
 PRESETS = {
     "full": dict(seeds=(0, 1, 2), steps=240, adapt_steps=360, eval_every=120, batch_size=64, questions_per_image=2,
                  eval_questions=1800, log_every=10, time_budget_s=330.0, pool_images=6000, pool_questions_per_image=4,

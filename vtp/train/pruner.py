@@ -288,10 +288,9 @@ def train_pruner(teacher, processor: VQAProcessor | None = None, cfg: PrunerConf
     distributed.setup()  # under torchrun: one process per device, each on its slice of the global batch
     distributed.check_batch(cfg.batch_size)
     run, val_data = _build_run(teacher, processor, cfg, device, val_data, student, batches)
-    phase1 = cfg.steps if student is None else 0
-    total = phase1 + cfg.adapt_steps
+    phase1 = cfg.steps if student is None else 0  # a trained student goes through phase 2 only
+    total, done, elapsed = phase1 + cfg.adapt_steps, 0, 0.0
     state = dict(vlm=run.vlm, opt=run.opt, controller=run.controller, best=run.best)
-    done, elapsed = 0, 0.0
     if checkpoint is not None and Path(checkpoint).exists():
         done, elapsed, run.history = resume_run(checkpoint, cfg, run.device, run.batches, **state)
 
@@ -304,8 +303,7 @@ def train_pruner(teacher, processor: VQAProcessor | None = None, cfg: PrunerConf
         run.out_of_time = lambda: distributed.broadcast_float(elapsed + time.perf_counter() - start) >= cfg.time_budget_s
     run.history.setdefault("stopped_early", None)
     run.net = distributed.wrap(run.vlm)  # DistributedDataParallel under torchrun: gradients averaged over the ranks
-    run.vlm.train()
-    run.vlm.llava.model.vision_tower.eval()
+    run.vlm.train().llava.model.vision_tower.eval()  # the tower stays frozen, in eval mode
     start = time.perf_counter()
     _phase1(run, min(done, phase1), phase1)
     if done <= phase1:
