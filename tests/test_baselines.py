@@ -39,6 +39,33 @@ def test_fastv_scores_are_attention_probabilities(vlm):
         fastv_scores(batch, vlm, layer=5)
 
 
+def test_fastv_scores_match_every_layers_attentions_and_leave_no_hook(vlm):
+    """Stopping after the scored layer changes nothing: the rows equal those of a full forward that returns every
+    layer's attention weights; the hook is gone afterwards, and the model still runs to its last layer."""
+    from vtp.attention import policy_attention
+
+    torch.manual_seed(1)
+    batch = _batch()
+    batch["pixel_values"] = torch.randn(3, 3, 64, 64)
+    lm = vlm.language_model
+    ids = batch["input_ids"]
+    visual = ids == vlm.image_token_id
+    embeds = vlm.llava.get_input_embeddings()(ids).masked_scatter(
+        visual.unsqueeze(-1), vlm.visual_features(batch["pixel_values"]))
+    with torch.no_grad(), policy_attention(lm):
+        full = lm(inputs_embeds=embeds, attention_mask=batch["attention_mask"], output_attentions=True, use_cache=False)
+    query = (batch["labels"][:, 1:] != -100).int().argmax(-1)
+    hooks = [len(layer.self_attn._forward_hooks) for layer in lm.layers]
+    for layer in range(lm.config.num_hidden_layers):
+        with torch.no_grad():
+            s = fastv_scores(batch, vlm, layer=layer)
+        ref = full.attentions[layer].float().mean(1)[torch.arange(3), query][visual].view(3, -1)
+        assert torch.allclose(s, ref, atol=1e-6), layer
+    assert [len(layer.self_attn._forward_hooks) for layer in lm.layers] == hooks
+    with torch.no_grad():
+        assert len(lm(inputs_embeds=embeds, output_hidden_states=True).hidden_states) == lm.config.num_hidden_layers + 1
+
+
 def test_random_scores_are_seeded_and_budgets_exact(vlm):
     batch = _batch()
     a = random_scores(batch, vlm, torch.Generator().manual_seed(1))

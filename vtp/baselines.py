@@ -44,13 +44,19 @@ def _n_visual(vlm) -> int:
     return num_visual_tokens(vlm.llava)
 
 
+class _Enough(Exception):
+    """Raised by :func:`fastv_scores`'s hook once it holds the layer it needs."""
+
+
 @torch.no_grad()
 def fastv_scores(batch, vlm, layer: int = 1) -> torch.Tensor:
     """Head-averaged attention [B, N] from the answer-predicting position to each image token at ``layer``.
 
     The answer-predicting position is the one before the first supervised label, or, when ``batch["labels"]``
     is missing or ``None``, the last attended position (the prompt's end). ``batch["visual_tokens"]`` [B, N, d],
-    if given, replaces the projected features of ``batch["pixel_values"]`` (a caller that computed them)."""
+    if given, replaces the projected features of ``batch["pixel_values"]`` (a caller that computed them). Only
+    layers ``0..layer`` run, and only ``layer``'s weights are kept (not every layer's, as ``output_attentions``
+    would: at 576 tokens those are gigabytes per batch)."""
     lm = vlm.language_model
     n_layers = lm.config.num_hidden_layers
     if not (0 <= layer < n_layers):
@@ -62,9 +68,21 @@ def fastv_scores(batch, vlm, layer: int = 1) -> torch.Tensor:
     visual = ids == vlm.image_token_id
     embeds = vlm.llava.get_input_embeddings()(ids)
     embeds = embeds.masked_scatter(visual.unsqueeze(-1), tokens.to(embeds.dtype))
-    with policy_attention(lm):  # returns attention weights (SDPA does not)
-        out = lm(inputs_embeds=embeds, attention_mask=mask, output_attentions=True, use_cache=False)
-    att = out.attentions[layer].float().mean(1)  # [B, L, L]
+    caught = {}
+
+    def catch(module, args, output):  # keep this layer's weights [B, H, L, L], skip the layers after it
+        caught["weights"] = output[1]
+        raise _Enough
+
+    hook = lm.layers[layer].self_attn.register_forward_hook(catch)
+    try:
+        with policy_attention(lm):  # returns attention weights (SDPA does not)
+            lm(inputs_embeds=embeds, attention_mask=mask, use_cache=False)
+    except _Enough:
+        pass
+    finally:
+        hook.remove()
+    att = caught["weights"].float().mean(1)  # [B, L, L]
     labels = batch.get("labels")
     if labels is not None:
         query = (labels[:, 1:] != -100).int().argmax(-1)  # position that predicts the answer

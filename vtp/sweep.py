@@ -44,7 +44,9 @@ def run_jobs(fn, jobs: list[dict], workers: int | None = None, desc: str = "runs
             bar.update(1)
         bar.close()
         return results
-    env = {"VTP_PROGRESS": "0", "VTP_MODE": run_mode()}  # workers inherit os.environ; no nested progress bars
+    env = {"VTP_PROGRESS": "0", "VTP_MODE": run_mode(),  # workers inherit os.environ; no nested progress bars
+           # many processes share one GPU: release freed blocks instead of fragmenting the cache
+           "PYTORCH_CUDA_ALLOC_CONF": os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or "expandable_segments:True"}
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
