@@ -50,11 +50,12 @@ SHARED = BUDGETS["64"]  # phase 1 trains at the smallest budget, as lesson 07 do
 # vision-tower forwards, float32 policy attention), ~45 ms eager on one H200, ~22 steps/s for all trainings
 # together: 9 trainings (3 seeds x learned + 2 controls) x (240 + 360) steps ~ 245 s. ``time_budget_s`` = 330 s
 # per training guards a slower GPU (phase 2 stops early, the run records where). The pool of 6,000 images x 4
-# questions is seen about 3 times per training.
+# questions is seen about 3 times per training. ``eval_batch_size`` = 64: a FastV-style score at ~601 tokens keeps a
+# [batch, 4 heads, 601, 601] float32 attention map (0.35 GiB at 64, 2.76 GiB at 512), in ten processes at once.
 PRESETS = {
     "full": dict(seeds=(0, 1, 2), steps=240, adapt_steps=360, eval_every=120, batch_size=64, questions_per_image=2,
                  eval_questions=1800, log_every=10, time_budget_s=330.0, pool_images=6000, pool_questions_per_image=4,
-                 pool_processes=16, test_questions=None, val_questions=None, eval_batch_size=128),
+                 pool_processes=16, test_questions=None, val_questions=None, eval_batch_size=64),
     # CPU, seconds per training: the same code path on the smoke teacher's 16-token scenes.
     "smoke": dict(seeds=(0, 1, 2), steps=12, adapt_steps=12, eval_every=6, batch_size=16, questions_per_image=2,
                   eval_questions=120, log_every=1, time_budget_s=120.0, pool_images=150, pool_questions_per_image=4,
@@ -81,7 +82,7 @@ def scene_pruner_config(selector: str = "learned", seed: int = 0, mode: str | No
     s = settings(mode)
     fields = dict(adapt_ratios=tuple(BUDGETS.values()), selector=selector, steps=s["steps"],
                   adapt_steps=s["adapt_steps"], eval_every=s["eval_every"], batch_size=s["batch_size"],
-                  eval_questions=s["eval_questions"], log_every=s["log_every"], time_budget_s=s["time_budget_s"],
+                  eval_questions=s["eval_questions"], eval_batch_size=s["eval_batch_size"], log_every=s["log_every"], time_budget_s=s["time_budget_s"],
                   augment={}, train_questions=None)
     return pruner_recipe(SHARED, seed, mode, **{**fields, **overrides})
 

@@ -259,6 +259,7 @@ class PrunerConfig:
     train_questions: int | None = 4000
     eval_every: int = 0
     eval_questions: int = 1000
+    eval_batch_size: int = 512  # questions per validation forward (attention memory grows with it)
     log_every: int = 5
     seed: int = 0
     bf16: bool = True
@@ -266,6 +267,7 @@ class PrunerConfig:
 
     def __post_init__(self):
         check_ratio(self.target_ratio, "target_ratio")
+        _check_int(self, "eval_batch_size", 1)
         check_ratio(self.ratio_start, "ratio_start")
         _check_common(self)
         _check_choice(self, "temp_schedule", SCHEDULES)

@@ -178,7 +178,7 @@ def _validate(run: _Run, val_data, processor, callback, t: int, phase: str, rule
 
     def measure():
         res = accuracy(run.vlm, val_data, processor, ratio=cfg.target_ratio if rule == "topk" else None,
-                       rule=rule, max_questions=cfg.eval_questions, bf16=cfg.bf16)
+                       rule=rule, max_questions=cfg.eval_questions, bf16=cfg.bf16, batch_size=cfg.eval_batch_size)
         return dict(step=t, phase=phase, rule=rule, accuracy=res.accuracy, keep_ratio=res.keep_ratio)
     run.history["val"].append(distributed.on_main(measure))  # rank 0 validates, every rank gets the result
     if callback is not None and distributed.is_main():
