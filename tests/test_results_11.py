@@ -179,6 +179,21 @@ def readme_rows(r: dict) -> list[str]:
     ]
 
 
+def test_readme_claims_about_lesson_11():
+    """The README's words on lesson 11, checked on the results file at 64/576."""
+    if not RESULTS.exists():
+        pytest.skip("results/11_pruning_at_576.json is written by lesson 11's full run on a GPU, not run yet")
+    r = json.loads(RESULTS.read_text())
+    s, paired = r["summary"], r["paired_learned_minus"]["64"]
+    assert paired["adapted_control"]["ci95"][0] > 0  # control (a): the interval excludes 0
+    lo, hi = paired["adapted_peer"]["ci95"]
+    assert lo < 0 < hi and r["control_peer"] == "fastv"  # control (b), FastV-style: within the noise
+    assert min(r["evidence_recall_overall"]["fastv"].values()) > 0.99  # FastV-style keeps the evidence
+    peer = s["budgets"]["64"]["adapted_peer"]
+    assert s["teacher_accuracy"] - sum(peer) / len(peer) < sp.GOALS["margin_64"]  # no room for the margin goal
+    assert r["equal_steps"] is False and len({v["phase2"] for v in r["steps"].values()}) > 1
+
+
 def test_readme_quotes_lesson_11():
     if not RESULTS.exists():
         pytest.skip("results/11_pruning_at_576.json is written by lesson 11's full run on a GPU, not run yet")
