@@ -12,6 +12,7 @@ of the call the GPU was busy.
 """
 import argparse
 import statistics
+import warnings
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -22,7 +23,7 @@ from vtp.timing import time_ms
 
 
 def _ms(fn, repeats):
-    return statistics.median(time_ms(fn, warmup=3, repeats=repeats))
+    return statistics.median(time_ms(fn, warmup=10, repeats=repeats))
 
 
 def _graphed(fn):
@@ -45,6 +46,7 @@ def main(argv=None):
     ap.add_argument("--kept", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--no-profile", action="store_true", help="skip the kernel profile")
     a = ap.parse_args(argv)
     cuda = torch.cuda.is_available()
     config = llava_config("tiny", "tiny") if a.smoke else llava_config()
@@ -84,7 +86,27 @@ def main(argv=None):
         print(f"language model prefill, {length} tokens per row: eager {eager:.2f} ms, one CUDA graph {graph:.2f} ms; "
               f"GEMM [{x.shape[0]}x{d}] @ [{d}x{inter}] {gemm:.3f} ms = {tflops:.0f} TFLOP/s")
 
+    # the whole forward (vision tower, selection, prefill, last logits), eager and as one CUDA graph, both models
+    step = lambda: model(**inputs, use_cache=False, logits_to_keep=1)  # noqa: E731
+    forward = {}
+    for name in ("patched", "unpatched"):
+        if name == "unpatched":
+            unpatch(model)
+        with torch.no_grad():
+            forward[name] = [_ms(step, a.repeats)]
+            try:
+                forward[name].append(_ms(_graphed(step), a.repeats) if cuda else float("nan"))
+            except Exception as e:  # a host synchronisation inside the forward cannot be captured
+                print(f"{name} forward: no CUDA graph ({str(e).splitlines()[0]})")
+                forward[name].append(float("nan"))
+        print(f"{name} forward, use_cache=False: eager {forward[name][0]:.2f} ms, one CUDA graph {forward[name][1]:.2f} ms")
+    (pe, pg), (ue, ug) = forward["patched"], forward["unpatched"]
+    print(f"forward speedup: eager {ue / pe:.2f}x, CUDA graphs {ug / pg:.2f}x")
+    if a.no_profile:
+        return
+    patch(model, pruner, ratio=kept / n_visual, rule="topk")
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    warnings.filterwarnings("ignore", message="Warning: Profiler clears events")
     with profile(activities=activities) as prof:
         for _ in range(3):
             generate(model, inputs, 1)

@@ -271,3 +271,17 @@ def test_ttft_figure_plots_the_pruned_rows_against_their_bound():
     with pytest.raises(ValueError, match="no pruned rows at batch 3"):
         ttft_vs_bound(ax, res, 3)
     plt.close(fig)
+
+
+def test_profile_ttft_script_smoke():
+    """scripts/profile_ttft.py runs its whole code path on tiny shapes (a CPU: no CUDA graph, no kernel times)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, str(root / "scripts" / "profile_ttft.py"), "--smoke", "--repeats", "1"],
+                         capture_output=True, text=True, timeout=600, cwd=root, check=True).stdout
+    for line in ("generate(max_new_tokens=1): unpatched", "language model prefill", "patched forward, use_cache=False",
+                 "unpatched forward, use_cache=False", "forward speedup", "patched call: GPU kernels"):
+        assert line in out, out
