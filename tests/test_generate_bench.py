@@ -228,7 +228,7 @@ def test_goal_is_met_or_not_met_at_batch_8_and_64_tokens():
 @pytest.mark.parametrize("kw, name", [(dict(ratios=(0.0,)), "ratio"), (dict(ratios=(1.5,)), "ratio"),
                                       (dict(batches=(0,)), "batch"), (dict(batches=()), "batches"),
                                       (dict(vision="vit-h"), "vision"), (dict(repeats=0), "repeats"),
-                                      (dict(text_before=99), "text_before")])
+                                      (dict(text_before=99), "text_before"), (dict(graphs=1), "graphs")])
 def test_bad_config_raises_naming_the_argument(kw, name):
     with pytest.raises(ValueError, match=name):
         GenerateBenchConfig.smoke(**kw).validate()
@@ -285,3 +285,22 @@ def test_profile_ttft_script_smoke():
     for line in ("generate(max_new_tokens=1): unpatched", "language model prefill", "patched forward, use_cache=False",
                  "unpatched forward, use_cache=False", "forward speedup", "patched call: GPU kernels"):
         assert line in out, out
+
+
+def test_graphs_option_keeps_its_prefill_graphs_across_unpatch(tiny, tmp_path):
+    """--graphs: the smoke run records the option, and _configure hands the patched model's prefill graphs back
+    after the unpatched baseline's turn, so the timed calls replay what the warm-up captured."""
+    from vtp.generate_bench import _configure
+
+    data = json.loads(json.dumps(main(["--smoke", "--graphs", "--out", str(tmp_path / "g.json")])))
+    assert data["config"]["graphs"] is True and "CUDA graphs" in data["pruner"]
+    config, model, pruner, inputs = tiny
+    _configure(model, pruner, 0.25, True)
+    generate(model, inputs, 1)
+    graphs = model._vtp.graphs
+    assert model.vtp_graphs and len(graphs.graphs) == 1
+    _configure(model, pruner, None)
+    assert getattr(model, "_vtp", None) is None
+    _configure(model, pruner, 0.25, True)
+    assert model._vtp.graphs is graphs
+    _configure(model, pruner, None)

@@ -490,3 +490,37 @@ def test_bfloat16_model_with_a_float32_pruner(family):
         assert torch.equal(state.mask.sum(-1).long(), torch.round(0.25 * state.valid.sum(-1).float()).long())
     finally:
         unpatch(model)
+
+
+def _other_image(family, inputs):
+    """The same prompt with other pixels (same shapes: the same prefill signature)."""
+    g = torch.Generator().manual_seed(99)
+    return {**inputs, "pixel_values": torch.randn(inputs["pixel_values"].shape, generator=g)}
+
+
+def test_prefill_graphs_path_equals_eager_and_hands_over_its_cache(family, model):
+    """graphs=True (vtp.patch_graphs): on a CPU the static buffers and the cache hand-over run without a graph;
+    tokens and logits equal the eager patched model's, one graph per signature serves new inputs, a returned cache
+    is not overwritten by the next call, and a padded batch does not use the path."""
+    a = make_inputs(family, samples=(0,))
+    b = _other_image(family, a)
+    patch(model, make_pruner(model), ratio=0.25)
+    ref = [generate(model, x, scores=True) for x in (a, b)]
+    model.vtp_graphs = True
+    with torch.no_grad():
+        first = model.generate(**a, max_new_tokens=1, do_sample=False, return_dict_in_generate=True)
+    cache = getattr(first, "cache", None) or first.past_key_values
+    kept_keys = cache.layers[0].keys.clone()
+    for x, (tokens, scores) in zip((a, b, a), ref + ref[:1]):
+        got_tokens, got_scores = generate(model, x, scores=True)
+        assert torch.equal(got_tokens, tokens)
+        assert torch.allclose(got_scores, scores, atol=1e-5, rtol=0)
+    graphs = model._vtp.graphs.graphs
+    assert len(graphs) == 1 and not model._vtp.graphs.failed
+    assert torch.equal(cache.layers[0].keys, kept_keys)  # the later calls did not write into it
+    generate(model, make_inputs(family))  # left padding: an attention mask, the eager prefill
+    assert len(graphs) == 1
+    unpatch(model)
+    assert not hasattr(model, "vtp_graphs")
+    with pytest.raises(ValueError, match="graphs"):
+        patch(model, make_pruner(model), graphs=1)

@@ -47,6 +47,7 @@ from __future__ import annotations
 import argparse
 import functools
 import time
+import weakref
 from dataclasses import asdict, dataclass
 from statistics import median
 
@@ -159,6 +160,7 @@ class GenerateBenchConfig:
     dtype: str = "bfloat16"
     device: str | None = None
     seed: int = 0
+    graphs: bool = False  # vtp.patch(graphs=True): the pruned prefill replays CUDA graphs (vtp.patch_graphs)
 
     @classmethod
     def smoke(cls, **kw):
@@ -182,6 +184,8 @@ class GenerateBenchConfig:
             _pos_int(getattr(self, name), name)
         for name in ("warmup", "decode_warmup"):
             _pos_int(getattr(self, name), name, 0)
+        if not isinstance(self.graphs, bool):
+            raise ValueError(f"graphs must be True or False, got {self.graphs!r}")
         if self.dtype not in ("bfloat16", "float16", "float32"):
             raise ValueError(f"dtype must be bfloat16, float16 or float32, got {self.dtype!r}")
         return config
@@ -215,17 +219,23 @@ def cache_of(output):
     return output.past_key_values if cache is None else cache
 
 
-def _configure(model, pruner, ratio):
+_GRAPHS = weakref.WeakKeyDictionary()  # model -> its prefill graphs while the benchmark has it unpatched
+
+
+def _configure(model, pruner, ratio, graphs=False):
     """Put ``model`` in a configuration: unpatched (``ratio`` None) or patched with ``pruner`` at keep ratio
-    ``ratio`` (top-k), whatever it was before."""
+    ``ratio`` (top-k; ``graphs``: CUDA-graph prefill), whatever it was before. The prefill graphs outlive an
+    unpatch (in ``_GRAPHS``), so that a timed call replays what the warm-up captured."""
     patched = getattr(model, "_vtp", None) is not None
     if ratio is None:
         if patched:
+            _GRAPHS[model] = model._vtp.graphs
             unpatch(model)
     elif patched:
         model.vtp_ratio = ratio
     else:
-        patch(model, pruner, ratio=ratio, rule="topk")
+        patch(model, pruner, ratio=ratio, rule="topk", graphs=graphs)
+        model._vtp.graphs = _GRAPHS.get(model, model._vtp.graphs)
 
 
 def _image_features(model, pixel_values):
@@ -262,7 +272,7 @@ def _timed_calls(cfg, model, pruner, inputs, configs):
         calls["vision", B] = (unpatched, functools.partial(_image_features, model, inputs[B]["pixel_values"]))
         repeats["vision", B], warmup["vision", B] = cfg.repeats, cfg.warmup
     for B, r in configs:
-        setup = functools.partial(_configure, model, pruner, r)
+        setup = functools.partial(_configure, model, pruner, r, cfg.graphs)
         calls["ttft", B, r] = (setup, functools.partial(generate, model, inputs[B], 1))
         calls["long", B, r] = (setup, functools.partial(generate, model, inputs[B], 1 + cfg.decode_tokens))
         repeats["ttft", B, r], warmup["ttft", B, r] = cfg.repeats, cfg.warmup
@@ -286,7 +296,8 @@ def run_generate_bench(cfg: GenerateBenchConfig | None = None, log=print) -> dic
     weight_bytes = sum(p.numel() * p.element_size() for p in [*weights, model.lm_head.weight])
     res = dict(device=device_name(device), torch=torch.__version__, transformers=transformers.__version__,
                mode=run_mode(), config=asdict(cfg), timing=timing_protocol(cfg, device),
-               pruner="question-aware GumbelVisionPruner (text_dim = hidden size), top-k rule, random weights",
+               pruner="question-aware GumbelVisionPruner (text_dim = hidden size), top-k rule, random weights"
+                      + (", pruned prefill as CUDA graphs (vtp.patch(graphs=True))" if cfg.graphs else ""),
                n_visual=N, lm_weight_bytes=weight_bytes,
                flops_per_image=dict(vision=vision_flops(config)["total"], pruner=pruner_flops(
                    config.text_config.hidden_size, N), prefill_full=prefill_flops(config.text_config,
@@ -300,7 +311,7 @@ def run_generate_bench(cfg: GenerateBenchConfig | None = None, log=print) -> dic
     try:
         cache = {}
         for B, r in configs:  # untimed: the prompt tokens in the KV cache after prefill
-            _configure(model, pruner, r)
+            _configure(model, pruner, r, cfg.graphs)
             cache[B, r] = _cache_length(model, inputs[B])
         times = time_interleaved(calls, repeats, warmup, device, seed=cfg.seed, log=log)
     finally:
@@ -373,12 +384,14 @@ def main(argv=None) -> dict:
     size.add_argument("--smoke", action="store_true", help="tiny shapes, float32 (the default without a GPU)")
     size.add_argument("--full", action="store_true", help="LLaVA-1.5-7B shape, bfloat16 (the default with a GPU)")
     p.add_argument("--out", help="JSON path")
+    p.add_argument("--graphs", action="store_true", help="patch with graphs=True: the pruned prefill replays CUDA "
+                                                        "graphs (the unpatched baseline stays eager)")
     a = p.parse_args(argv)
     if a.full and not torch.cuda.is_available():
         p.error("--full builds a 7B model in bfloat16 (14 GB) and times it: it needs a CUDA GPU, and torch sees none "
                 "(torch.cuda.is_available() is False); use --smoke on a CPU")
     smoke = a.smoke or (not a.full and run_mode() == "smoke")
-    cfg = GenerateBenchConfig.smoke() if smoke else GenerateBenchConfig()
+    cfg = GenerateBenchConfig.smoke(graphs=a.graphs) if smoke else GenerateBenchConfig(graphs=a.graphs)
     if default_device().type == "cpu":
         print(CPU_CAVEAT, flush=True)
     res = run_generate_bench(cfg, log=lambda s: print(s, flush=True))

@@ -47,6 +47,7 @@ from transformers import (LlavaForConditionalGeneration, LlavaNextForConditional
                           Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration)
 
 from .attention import policy_attention
+from .patch_graphs import PrefillGraphs, graphable
 from .patch_layout import find_images, kept_lengths, read_layout
 from .pruner import check_ratio
 from .selection import question_embedding, select_visual  # re-exported: public names of vtp.patch
@@ -129,13 +130,18 @@ def _check_kwargs(fn, kwargs):
         raise TypeError(f"{fn}() got unexpected keyword argument(s) {sorted(kwargs)}")
 
 
-def patch(model, pruner: nn.Module, ratio: float = 0.25, rule: str = "topk", min_keep: int = 1, **kwargs):
+def patch(model, pruner: nn.Module, ratio: float = 0.25, rule: str = "topk", min_keep: int = 1, graphs: bool = False,
+          **kwargs):
     """Prune ``model``'s visual tokens with ``pruner`` (a :class:`vtp.GumbelVisionPruner` of width = the language
     model's hidden size), in place. Eval mode removes tokens (``rule`` ``"topk"`` keeps ``max(min_keep,
     round(ratio * N))`` per image; ``"threshold"`` keeps keep-prob > the pruner's threshold); train mode masks
     them in attention. ``model.vtp_ratio`` / ``model.vtp_rule`` can be changed later; ``model.vtp_pruner`` is
-    the pruner (a submodule: it follows ``.to()``, ``.train()``, ``.eval()``). Returns ``model``."""
+    the pruner (a submodule: it follows ``.to()``, ``.train()``, ``.eval()``). ``graphs=True``: the pruned
+    prefill of an unpadded batch replays a CUDA graph per shape (:mod:`vtp.patch_graphs`; move the model to its
+    device before the first call, a graph keeps the addresses it captured). Returns ``model``."""
     _check_kwargs("patch", kwargs)
+    if not isinstance(graphs, bool):
+        raise ValueError(f"graphs must be True or False, got {graphs!r}")
     ratio = check_ratio(ratio)
     if rule not in PATCH_RULES:
         raise ValueError(f"rule must be one of {PATCH_RULES}, got {rule!r}")
@@ -158,6 +164,7 @@ def patch(model, pruner: nn.Module, ratio: float = 0.25, rule: str = "topk", min
         unpatch(model)
     p = _Patch(model)
     model._vtp, model.vtp_ratio, model.vtp_rule, model.vtp_min_keep, model.vtp_last = p, ratio, rule, min_keep, None
+    model.vtp_graphs, p.graphs = graphs, PrefillGraphs()
     model.vtp_pruner = pruner.train(model.training)  # a submodule from now on: one mode for both
     p.wrap(model, "forward", functools.partial(_model_forward, p))
     p.wrap(p.inner, "forward", functools.partial(_inner_forward, p))
@@ -173,7 +180,7 @@ def unpatch(model):
         raise ValueError("unpatch: the model is not patched (call vtp.patch first)")
     p.restore()
     del model.vtp_pruner
-    for name in ("_vtp", "vtp_ratio", "vtp_rule", "vtp_min_keep", "vtp_last"):
+    for name in ("_vtp", "vtp_ratio", "vtp_rule", "vtp_min_keep", "vtp_last", "vtp_graphs"):
         delattr(model, name)
     return model
 
@@ -342,6 +349,9 @@ def _prefill(p, original, call, kwargs):
     kwargs.update(inputs_embeds=embeds.gather(1, index.unsqueeze(-1).expand(-1, -1, d)),
                   attention_mask=None if dense else state.attention_mask,
                   position_ids=pos.gather(-1, index.expand(*pos.shape[:-2], -1, -1)))
+    key = "cache" if "cache" in kwargs else "past_key_values"
+    if m.vtp_graphs and graphable(kwargs, key):
+        return p.graphs(original, kwargs, key)
     return original(**kwargs)
 
 

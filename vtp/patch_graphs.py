@@ -1,0 +1,117 @@
+r"""CUDA graphs for the pruned prefill of a patched model (``vtp.patch(..., graphs=True)``).
+
+After pruning, the language model's prefill is short (at 64 of 576 visual tokens and batch 8, about 1,000 rows for a
+7B model), and eager PyTorch issues its kernels one by one from Python (for each of the 32 decoder layers, dozens
+of them): the GPU can idle between kernels (``scripts/profile_ttft.py`` measures how long). A CUDA graph records the kernels of one call once
+and replays them with one launch. The prefill's shapes are fixed by the budget (top-k keeps a known count), so one
+graph per input signature (the tensors' shapes, dtypes and devices, the other arguments' values) serves every call
+of that signature.
+
+How one graph is made (:class:`PrefillGraph`): the call's tensor arguments are copied into static buffers; two
+warm-up calls on a side stream (they choose the kernels and allocate workspaces); the KV cache of the capture is a
+copy of the caller's empty cache whose layers were initialised outside the capture; then one call is captured. A
+replay copies the new inputs into the buffers, replays, and appends the captured keys and values to the CALLER's
+cache (``cache.update`` copies them, so a later replay cannot overwrite a cache that ``generate`` still uses); the
+returned output holds copies of the captured tensors.
+
+Used only where it is valid: eval mode, a removal prefill with no attention mask (no padding, every sample keeps
+the same count), an empty :class:`transformers.DynamicCache`. A signature whose capture fails (an operation that
+waits for the GPU inside the language model) is remembered and runs eagerly, with one warning. On a CPU the same
+buffers and cache hand-over run without a graph (the outputs are the same; nothing is faster): that is what the
+unit tests check.
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+
+import torch
+from transformers import DynamicCache
+
+__all__ = ["PrefillGraphs", "PrefillGraph", "graphable"]
+
+
+def graphable(kwargs: dict, cache_key: str) -> bool:
+    """Whether the language-model call ``kwargs`` can use a prefill graph: no attention mask, an empty dynamic
+    cache under ``cache_key``."""
+    cache = kwargs.get(cache_key)
+    return (kwargs.get("attention_mask") is None and type(cache) is DynamicCache and cache.get_seq_length() == 0
+            and torch.is_tensor(kwargs.get("inputs_embeds")))
+
+
+def _signature(kwargs: dict, cache_key: str) -> tuple:
+    return tuple((k, (tuple(v.shape), v.dtype, v.device) if torch.is_tensor(v) else repr(v))
+                 for k, v in sorted(kwargs.items()) if k != cache_key)
+
+
+class PrefillGraph:
+    """One captured prefill (``forward(**kwargs)`` with the cache under ``cache_key``); call it with new tensors of
+    the same signature and the caller's empty cache."""
+
+    def __init__(self, forward, kwargs: dict, cache_key: str):
+        self.cache_key = cache_key
+        self.static = {k: v.clone() for k, v in kwargs.items() if torch.is_tensor(v)}
+        self.other = {k: v for k, v in kwargs.items() if not torch.is_tensor(v) and k != cache_key}
+        self.template = copy.deepcopy(kwargs[cache_key])  # empty: a cheap copy
+        self.run = lambda cache: forward(**self.other, **self.static, **{cache_key: cache})  # noqa: E731
+        self.cuda = next(iter(self.static.values())).is_cuda
+        if not self.cuda:
+            return
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                warm = copy.deepcopy(self.template)
+                self.run(warm)
+        torch.cuda.current_stream().wait_stream(stream)
+        self.cache = self._initialised(warm)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.out = self.run(self.cache)
+
+    def _initialised(self, filled: DynamicCache) -> DynamicCache:
+        """An empty copy of the template whose layers are initialised (dtype, device) like ``filled``'s, so that
+        the capture only appends."""
+        cache = copy.deepcopy(self.template)
+        for i, layer in enumerate(filled.layers):
+            cache.update(layer.keys[..., :0, :], layer.values[..., :0, :], i)
+        return cache
+
+    def __call__(self, kwargs: dict):
+        for k, buf in self.static.items():
+            buf.copy_(kwargs[k])
+        if self.cuda:
+            self.graph.replay()
+        else:  # the same buffers and hand-over, no graph
+            self.cache = copy.deepcopy(self.template)
+            self.out = self.run(self.cache)
+        cache = kwargs[self.cache_key]
+        for i, layer in enumerate(self.cache.layers):
+            cache.update(layer.keys, layer.values, i)
+        copied = lambda v: cache if v is self.cache else v.clone() if torch.is_tensor(v) else (  # noqa: E731
+            tuple(copied(x) for x in v) if isinstance(v, tuple) else v)
+        return type(self.out)(**{k: copied(v) for k, v in self.out.items()})
+
+
+class PrefillGraphs:
+    """The prefill graphs of one patched model, by input signature (:func:`_signature`)."""
+
+    def __init__(self):
+        self.graphs, self.failed = {}, set()
+
+    def __call__(self, forward, kwargs: dict, cache_key: str):
+        key = _signature(kwargs, cache_key)
+        if key in self.failed:
+            return forward(**kwargs)
+        if key not in self.graphs:
+            if not kwargs["inputs_embeds"].is_cuda:  # no capture: errors are errors
+                self.graphs[key] = PrefillGraph(forward, kwargs, cache_key)
+                return self.graphs[key](kwargs)
+            try:
+                self.graphs[key] = PrefillGraph(forward, kwargs, cache_key)
+            except Exception as e:  # e.g. an operation that waits for the GPU during the capture
+                self.failed.add(key)
+                warnings.warn(f"vtp.patch(graphs=True): this prefill runs eagerly, its capture failed: "
+                              f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", RuntimeWarning, stacklevel=3)
+                return forward(**kwargs)
+        return self.graphs[key](kwargs)
