@@ -55,19 +55,23 @@ class PrefillGraph:
         self.template = copy.deepcopy(kwargs[cache_key])  # empty: a cheap copy
         self.run = lambda cache: forward(**self.other, **self.static, **{cache_key: cache})  # noqa: E731
         self.cuda = next(iter(self.static.values())).is_cuda
-        if not self.cuda:
-            return
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                warm = copy.deepcopy(self.template)
-                self.run(warm)
-        torch.cuda.current_stream().wait_stream(stream)
-        self.cache = self._initialised(warm)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.out = self.run(self.cache)
+        if self.cuda:  # warm-up on a side stream: kernel choices, workspaces
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    warm = copy.deepcopy(self.template)
+                    self.run(warm)
+            torch.cuda.current_stream().wait_stream(stream)
+        else:  # one eager call: the layers' dtypes and devices
+            warm = copy.deepcopy(self.template)
+            self.run(warm)
+        self.template = self._initialised(warm)
+        if self.cuda:
+            self.cache = copy.deepcopy(self.template)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.out = self.run(self.cache)
 
     def _initialised(self, filled: DynamicCache) -> DynamicCache:
         """An empty copy of the template whose layers are initialised (dtype, device) like ``filled``'s, so that
@@ -75,6 +79,7 @@ class PrefillGraph:
         cache = copy.deepcopy(self.template)
         for i, layer in enumerate(filled.layers):
             cache.update(layer.keys[..., :0, :], layer.values[..., :0, :], i)
+        assert cache.get_seq_length() == 0
         return cache
 
     def __call__(self, kwargs: dict):
