@@ -3,6 +3,7 @@ Qwen2.5-VL): ratio 1 is the unpatched model, generate() equals a manual greedy l
 original positions, exact kept counts per image, unpatch restores, a padded batch equals per-sample runs,
 train-mode policy masking equals removal, the top-k prefill reads nothing back to the host (the threshold rule its
 kept counts), and bad input raises."""
+import copy
 import inspect
 
 import pytest
@@ -524,3 +525,49 @@ def test_prefill_graphs_path_equals_eager_and_hands_over_its_cache(family, model
     assert not hasattr(model, "vtp_graphs")
     with pytest.raises(ValueError, match="graphs"):
         patch(model, make_pruner(model), graphs=1)
+
+
+class _AnyHostReads(HostReads):
+    """HostReads that records reads made by ANY code (transformers' included), as ``(file, function, op)``."""
+
+    def record(self, op):
+        import traceback
+        frames = [f for f in traceback.extract_stack() if "/torch/" not in f.filename.replace("\\", "/")
+                  and not f.filename.endswith("conftest.py") and f.filename != __file__]
+        self.sites.append((frames[-1].filename.replace("\\", "/").rsplit("/", 1)[-1], frames[-1].name, op))
+
+
+def test_what_a_prefill_graph_captures_never_waits_for_the_gpu(family, model, monkeypatch):
+    """A CUDA graph cannot capture an operation that waits for the GPU. What vtp.patch_graphs captures is the
+    language model's prefill as the patched model calls it (kept embeddings and positions, no attention mask, an
+    empty dynamic cache whose layers were initialised before): no code in it, transformers' included, reads a
+    device tensor back or copies host data to the device."""
+    from vtp.patch_graphs import PrefillGraph
+
+    seen = []
+    run = PrefillGraph.__init__
+
+    def spy(self, forward, kwargs, cache_key):
+        run(self, forward, kwargs, cache_key)
+        cache = copy.deepcopy(self.template)  # an empty cache with initialised layers, as the capture gets
+        with torch.no_grad(), _AnyHostReads() as counter:
+            self.run(cache)
+        seen.append(sorted(counter.sites))
+
+    monkeypatch.setattr(PrefillGraph, "__init__", spy)
+    patch(model, make_pruner(model), ratio=0.25, graphs=True)
+    try:
+        generate(model, make_inputs(family, samples=(0,)), n=1)
+    finally:
+        unpatch(model)
+    assert seen == [[]]
+
+
+def test_host_read_spy_sees_transformers_reads(model):
+    """The check above can fail: with an attention mask, transformers' mask code reads it back (``.all()``)."""
+    lm, d = model.model.language_model, model.config.text_config.hidden_size
+    from transformers import DynamicCache
+    with torch.no_grad(), _AnyHostReads() as counter:
+        lm(inputs_embeds=torch.randn(1, 5, d), attention_mask=torch.ones(1, 5, dtype=torch.long),
+           cache=DynamicCache(config=lm.config), use_cache=True)
+    assert any(op == "_local_scalar_dense" for _, _, op in counter.sites), counter.sites
