@@ -17,8 +17,9 @@ import warnings
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from vtp.generate_bench import build_llava_model, generate, llava_config, make_inputs, make_pruner
+from vtp.generate_bench import build_llava_model, generate, image_features, llava_config, make_inputs, make_pruner
 from vtp.patch import patch, unpatch
+from vtp.prefill_paths import capture_graph
 from vtp.timing import time_ms
 
 
@@ -28,16 +29,7 @@ def _ms(fn, repeats):
 
 def _graphed(fn):
     """``fn`` captured once in a CUDA graph; the returned function replays it."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
+    return capture_graph(fn)[0].replay
 
 
 def main(argv=None):
@@ -64,10 +56,7 @@ def main(argv=None):
     full_ms = _ms(lambda: generate(model, inputs, 1), a.repeats)
     patch(model, pruner, ratio=kept / n_visual, rule="topk")
     pruned_ms = _ms(lambda: generate(model, inputs, 1), a.repeats)
-    c = model.config
-    vision_ms = _ms(lambda: model.model.get_image_features(
-        pixel_values=inputs["pixel_values"], vision_feature_layer=c.vision_feature_layer,
-        vision_feature_select_strategy=c.vision_feature_select_strategy), a.repeats)
+    vision_ms = _ms(lambda: image_features(model, inputs["pixel_values"]), a.repeats)
     print(f"generate(max_new_tokens=1): unpatched {full_ms:.2f} ms, patched {pruned_ms:.2f} ms "
           f"({full_ms / pruned_ms:.2f}x); vision tower + projector {vision_ms:.2f} ms")
 
@@ -99,7 +88,8 @@ def main(argv=None):
             except Exception as e:  # a host synchronisation inside the forward cannot be captured
                 print(f"{name} forward: no CUDA graph ({str(e).splitlines()[0]})")
                 forward[name].append(float("nan"))
-        print(f"{name} forward, use_cache=False: eager {forward[name][0]:.2f} ms, one CUDA graph {forward[name][1]:.2f} ms")
+        eager, graph = forward[name]
+        print(f"{name} forward, use_cache=False: eager {eager:.2f} ms, one CUDA graph {graph:.2f} ms")
     (pe, pg), (ue, ug) = forward["patched"], forward["unpatched"]
     print(f"forward speedup: eager {ue / pe:.2f}x, CUDA graphs {ug / pg:.2f}x")
     if a.no_profile:

@@ -32,7 +32,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 # re-exported: lesson 09 and the tests reach the prefill paths, the FLOPs model, the clock and the report here
 from .benchmark_report import check_goals, format_row, format_table, prefill_row
 from .flops import kv_cache_bytes, prefill_flops, pruner_flops, speedup_bound
-from .prefill_paths import (CACHE_KWARG, REMOVALS, DecoderStack, KVCache, PrunedPrefill, _capture, _pos_int,
+from .prefill_paths import (CACHE_KWARG, REMOVALS, DecoderStack, KVCache, PrunedPrefill, capture_graph, _pos_int,
                             decoder_layer, kept_tokens, prefill, reference_removal, run_layers)
 from .pruner import GumbelVisionPruner, check_ratio
 from .runtime import default_device, device_name, run_mode
@@ -125,7 +125,7 @@ def _decode(run: PrunedPrefill, cfg, device) -> dict:
         ids.copy_(model.lm_head(hidden).argmax(-1))
 
     if run.graphs:
-        graph, _ = _capture(step)
+        graph, _ = capture_graph(step)
         step = graph.replay
     t = median(time_ms(step, cfg.warmup, cfg.repeats, device))
     B = ids.shape[0]

@@ -36,11 +36,8 @@ Reported: median and interquartile range. Switching configuration (:func:`vtp.pa
 ``model.vtp_ratio``) happens between calls, untimed. On a CPU the timings are not meaningful (a note says so, as
 in :mod:`vtp.benchmark`). Goal: TTFT speedup :math:`\ge 0.85\times` the bound at batch 8 and 64 visual tokens.
 
-**Run time** of ``python -m vtp.generate_bench --full`` on one H200 (estimate; the earlier protocol, 5 timed
-TTFT calls and 3 generations per configuration, took 71 s in all): building the 7B model with random weights on
-the GPU, ~0.5-1 min; TTFT, 2 warm-up + 15 timed calls for each of the 10 configurations (< 0.2 s each), < 30 s;
-decode (33-token generations, 1 warm-up + 5 timed per configuration, ~25-35 ms per step in eager transformers),
-~1 min; about 2-3 minutes in all. Memory: 14 GB of weights plus < 4 GB of cache and activations.
+**Run time**: minutes on one H200 (the results file records it as ``seconds``). Memory: 14 GB of weights plus
+a few GB of cache and activations. ``--graphs`` patches with ``graphs=True`` (:mod:`vtp.patch_graphs`).
 """
 from __future__ import annotations
 
@@ -65,7 +62,7 @@ from .runtime import default_device, device_name, run_mode
 from .timing import CPU_CAVEAT, iqr, time_interleaved, write_results
 
 __all__ = ["VISION_SHAPES", "GenerateBenchConfig", "timing_protocol", "llava_config", "build_llava_model",
-           "make_pruner", "make_inputs", "GOAL_FRACTION", "GOAL_BATCH", "GOAL_KEPT",
+           "make_pruner", "make_inputs", "image_features", "GOAL_FRACTION", "GOAL_BATCH", "GOAL_KEPT",
            "vision_flops", "pipeline_flops", "pipeline_bound", "decode_bound", "generate", "cache_of",
            "run_generate_bench", "check_goals", "format_table", "main"]
 
@@ -224,8 +221,7 @@ _GRAPHS = weakref.WeakKeyDictionary()  # model -> its prefill graphs while the b
 
 def _configure(model, pruner, ratio, graphs=False):
     """Put ``model`` in a configuration: unpatched (``ratio`` None) or patched with ``pruner`` at keep ratio
-    ``ratio`` (top-k; ``graphs``: CUDA-graph prefill), whatever it was before. The prefill graphs outlive an
-    unpatch (in ``_GRAPHS``), so that a timed call replays what the warm-up captured."""
+    ``ratio`` (top-k, ``graphs``), whatever it was before. Prefill graphs outlive an unpatch (``_GRAPHS``)."""
     patched = getattr(model, "_vtp", None) is not None
     if ratio is None:
         if patched:
@@ -238,7 +234,7 @@ def _configure(model, pruner, ratio, graphs=False):
         model._vtp.graphs = _GRAPHS.get(model, model._vtp.graphs)
 
 
-def _image_features(model, pixel_values):
+def image_features(model, pixel_values):
     """The vision tower and projector alone (the part of TTFT that pruning cannot shorten)."""
     c = model.config
     return model.model.get_image_features(pixel_values=pixel_values, vision_feature_layer=c.vision_feature_layer,
@@ -269,7 +265,7 @@ def _timed_calls(cfg, model, pruner, inputs, configs):
     calls, repeats, warmup = {}, {}, {}
     for B in cfg.batches:
         unpatched = functools.partial(_configure, model, pruner, None)
-        calls["vision", B] = (unpatched, functools.partial(_image_features, model, inputs[B]["pixel_values"]))
+        calls["vision", B] = (unpatched, functools.partial(image_features, model, inputs[B]["pixel_values"]))
         repeats["vision", B], warmup["vision", B] = cfg.repeats, cfg.warmup
     for B, r in configs:
         setup = functools.partial(_configure, model, pruner, r, cfg.graphs)
@@ -340,9 +336,8 @@ def _fmt_row(r) -> str:
     name = f"pruned {r['keep_ratio']:.3f}" if r["pruned"] else "unpatched   "
     return (f"{name} B={r['batch']:<2d} {r['visual_kept']:>4d} vis  TTFT {r['ttft_ms']:8.2f} ms "
             f"(x{r['ttft_speedup']:4.2f}, bound x{r['pipeline_bound']:4.2f}, {r['fraction_of_bound']:4.0%}; vision "
-            f"{r['vision_ms']:.1f} ms)  "
-            f"decode {r['decode_tokens_per_s']:8.1f} tok/s (x{r['decode_speedup']:4.2f}, bound "
-            f"x{r['decode_bound']:4.2f})  cache {r['kv_cache_mb']:7.1f} MiB")
+            f"{r['vision_ms']:.1f} ms)  decode {r['decode_tokens_per_s']:8.1f} tok/s (x{r['decode_speedup']:4.2f}, "
+            f"bound x{r['decode_bound']:4.2f})  cache {r['kv_cache_mb']:7.1f} MiB")
 
 
 def check_goals(res: dict) -> list[dict]:
@@ -384,8 +379,7 @@ def main(argv=None) -> dict:
     size.add_argument("--smoke", action="store_true", help="tiny shapes, float32 (the default without a GPU)")
     size.add_argument("--full", action="store_true", help="LLaVA-1.5-7B shape, bfloat16 (the default with a GPU)")
     p.add_argument("--out", help="JSON path")
-    p.add_argument("--graphs", action="store_true", help="patch with graphs=True: the pruned prefill replays CUDA "
-                                                        "graphs (the unpatched baseline stays eager)")
+    p.add_argument("--graphs", action="store_true", help="vtp.patch(graphs=True): the pruned prefill as CUDA graphs")
     a = p.parse_args(argv)
     if a.full and not torch.cuda.is_available():
         p.error("--full builds a 7B model in bfloat16 (14 GB) and times it: it needs a CUDA GPU, and torch sees none "

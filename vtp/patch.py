@@ -269,8 +269,12 @@ def _lm_forward(p, original, *args, **kwargs):
 
 # --- prefill and decode ------------------------------------------------------------------------------------------
 
+def _cache_key(kwargs):
+    return "cache" if "cache" in kwargs else "past_key_values"  # transformers >= 5.2x renamed past_key_values
+
+
 def _cache(kwargs):
-    return kwargs.get("cache", kwargs.get("past_key_values"))  # transformers >= 5.2x renamed past_key_values
+    return kwargs.get(_cache_key(kwargs))
 
 
 def _score(p, call, embeds, attention_mask, b, l):
@@ -349,9 +353,8 @@ def _prefill(p, original, call, kwargs):
     kwargs.update(inputs_embeds=embeds.gather(1, index.unsqueeze(-1).expand(-1, -1, d)),
                   attention_mask=None if dense else state.attention_mask,
                   position_ids=pos.gather(-1, index.expand(*pos.shape[:-2], -1, -1)))
-    key = "cache" if "cache" in kwargs else "past_key_values"
-    if m.vtp_graphs and graphable(kwargs, key):
-        return p.graphs(original, kwargs, key)
+    if m.vtp_graphs and graphable(kwargs, _cache_key(kwargs)):
+        return p.graphs(original, kwargs, _cache_key(kwargs))
     return original(**kwargs)
 
 

@@ -2,14 +2,14 @@ r"""CUDA graphs for the pruned prefill of a patched model (``vtp.patch(..., grap
 
 After pruning, the language model's prefill is short (at 64 of 576 visual tokens and batch 8, about 1,000 rows for a
 7B model), and eager PyTorch issues its kernels one by one from Python (for each of the 32 decoder layers, dozens
-of them): the GPU can idle between kernels (``scripts/profile_ttft.py`` measures how long). A CUDA graph records the kernels of one call once
-and replays them with one launch. The prefill's shapes are fixed by the budget (top-k keeps a known count), so one
-graph per input signature (the tensors' shapes, dtypes and devices, the other arguments' values) serves every call
-of that signature.
+of them): the GPU can idle between kernels (``scripts/profile_ttft.py`` measures how long). A CUDA graph records
+the kernels of one call once and replays them with one launch. The prefill's shapes are fixed by the budget (top-k
+keeps a known count), so one graph per input signature (the tensors' shapes, dtypes and devices, the other
+arguments' values) serves every call of that signature.
 
-How one graph is made (:class:`PrefillGraph`): the call's tensor arguments are copied into static buffers; two
-warm-up calls on a side stream (they choose the kernels and allocate workspaces); the KV cache of the capture is a
-copy of the caller's empty cache whose layers were initialised outside the capture; then one call is captured. A
+How one graph is made (:class:`PrefillGraph`): the call's tensor arguments are copied into static buffers; the KV
+cache of the capture is a copy of the caller's empty cache whose layers one eager call initialised (so the captured
+call only appends); :func:`vtp.prefill_paths.capture_graph` warms the call up on a side stream, then captures it. A
 replay copies the new inputs into the buffers, replays, and appends the captured keys and values to the CALLER's
 cache (``cache.update`` copies them, so a later replay cannot overwrite a cache that ``generate`` still uses); the
 returned output holds copies of the captured tensors.
@@ -27,6 +27,8 @@ import warnings
 
 import torch
 from transformers import DynamicCache
+
+from .prefill_paths import capture_graph
 
 __all__ = ["PrefillGraphs", "PrefillGraph", "graphable"]
 
@@ -52,44 +54,30 @@ class PrefillGraph:
         self.cache_key = cache_key
         self.static = {k: v.clone() for k, v in kwargs.items() if torch.is_tensor(v)}
         self.other = {k: v for k, v in kwargs.items() if not torch.is_tensor(v) and k != cache_key}
-        self.template = copy.deepcopy(kwargs[cache_key])  # empty: a cheap copy
-        self.run = lambda cache: forward(**self.other, **self.static, **{cache_key: cache})  # noqa: E731
-        self.cuda = next(iter(self.static.values())).is_cuda
-        if self.cuda:  # warm-up on a side stream: kernel choices, workspaces
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for _ in range(2):
-                    warm = copy.deepcopy(self.template)
-                    self.run(warm)
-            torch.cuda.current_stream().wait_stream(stream)
-        else:  # one eager call: the layers' dtypes and devices
-            warm = copy.deepcopy(self.template)
-            self.run(warm)
-        self.template = self._initialised(warm)
-        if self.cuda:
-            self.cache = copy.deepcopy(self.template)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.out = self.run(self.cache)
+        self.forward = forward
+        self.cache = copy.deepcopy(kwargs[cache_key])  # empty: a cheap copy
+        self._run()  # one eager call: the cache's layers take their dtypes and devices, then are emptied
+        for layer in self.cache.layers:
+            layer.keys, layer.values = layer.keys[..., :0, :].clone(), layer.values[..., :0, :].clone()
+        if self.static["inputs_embeds"].is_cuda:
+            self.graph, self.out = capture_graph(self._run)
+        else:
+            self.graph = None
 
-    def _initialised(self, filled: DynamicCache) -> DynamicCache:
-        """An empty copy of the template whose layers are initialised (dtype, device) like ``filled``'s, so that
-        the capture only appends."""
-        cache = copy.deepcopy(self.template)
-        for i, layer in enumerate(filled.layers):
-            cache.update(layer.keys[..., :0, :], layer.values[..., :0, :], i)
-        assert cache.get_seq_length() == 0
-        return cache
+    def _run(self):
+        """The call a graph captures: the cache emptied (views: no kernel), then the language model appends to it."""
+        for layer in self.cache.layers:
+            if layer.is_initialized:
+                layer.keys, layer.values = layer.keys[..., :0, :], layer.values[..., :0, :]
+        return self.forward(**self.other, **self.static, **{self.cache_key: self.cache})
 
     def __call__(self, kwargs: dict):
         for k, buf in self.static.items():
             buf.copy_(kwargs[k])
-        if self.cuda:
+        if self.graph is not None:
             self.graph.replay()
-        else:  # the same buffers and hand-over, no graph
-            self.cache = copy.deepcopy(self.template)
-            self.out = self.run(self.cache)
+        else:  # a CPU: the same buffers and hand-over, no graph
+            self.out = self._run()
         cache = kwargs[self.cache_key]
         for i, layer in enumerate(self.cache.layers):
             cache.update(layer.keys, layer.values, i)
@@ -109,14 +97,14 @@ class PrefillGraphs:
         if key in self.failed:
             return forward(**kwargs)
         if key not in self.graphs:
-            if not kwargs["inputs_embeds"].is_cuda:  # no capture: errors are errors
-                self.graphs[key] = PrefillGraph(forward, kwargs, cache_key)
-                return self.graphs[key](kwargs)
             try:
                 self.graphs[key] = PrefillGraph(forward, kwargs, cache_key)
             except Exception as e:  # e.g. an operation that waits for the GPU during the capture
+                if not kwargs["inputs_embeds"].is_cuda:  # no capture on a CPU: an error is an error
+                    raise
                 self.failed.add(key)
+                why = str(e).splitlines()[0] if str(e) else ""
                 warnings.warn(f"vtp.patch(graphs=True): this prefill runs eagerly, its capture failed: "
-                              f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", RuntimeWarning, stacklevel=3)
+                              f"{type(e).__name__}: {why}", RuntimeWarning, stacklevel=3)
                 return forward(**kwargs)
         return self.graphs[key](kwargs)

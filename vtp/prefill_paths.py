@@ -24,7 +24,7 @@ from .pruner import check_ratio
 from .selection import kept_tokens, select_visual, topk_index, visual_keep_prob  # kept_tokens: public here too
 
 __all__ = ["KVCache", "kept_tokens", "decoder_layer", "DecoderStack", "run_layers", "prefill", "PrunedPrefill",
-           "REMOVALS", "reference_removal", "CACHE_KWARG"]
+           "REMOVALS", "reference_removal", "CACHE_KWARG", "capture_graph"]
 
 #: Keyword under which a decoder layer takes the cache: ``layer(h, ..., **{CACHE_KWARG: cache})`` ("cache" in newer
 #: transformers, "past_key_values" before).
@@ -240,14 +240,14 @@ class PrunedPrefill:
         if not self.graphs:
             return
         if ratio is None:
-            self._graph, self._out = _capture(lambda: self._prefill(embeds, self.positions))
+            self._graph, self._out = capture_graph(lambda: self._prefill(embeds, self.positions))
         elif removal == "static":  # everything in one graph, plus the selection alone to time its share
-            self._select_graph, self._removed = _capture(self._select)
-            self._graph, self._out = _capture(self._static_step)
+            self._select_graph, self._removed = capture_graph(self._select)
+            self._graph, self._out = capture_graph(self._static_step)
         else:  # graph 1: scoring + top-k; eager remove_tokens; graph 2: the model on static inputs
-            self._select_graph, self._keep = _capture(self._keep_mask)
+            self._select_graph, self._keep = capture_graph(self._keep_mask)
             self._in = (embeds[:, :self.seq_len].clone(), self.positions[:, :self.seq_len].clone())
-            self._graph, self._out = _capture(lambda: self._prefill(*self._in))
+            self._graph, self._out = capture_graph(lambda: self._prefill(*self._in))
 
     def _prefill(self, embeds, position_ids):
         return prefill(self.model, embeds, position_ids, self.cache, self.layers)
@@ -333,7 +333,7 @@ class PrunedPrefill:
         return self._out
 
 
-def _capture(fn, warmup: int = 2):
+def capture_graph(fn, warmup: int = 2):
     """Warm ``fn`` up on a side stream, then capture one call in a CUDA graph; returns (graph, output).
     The warm-up runs also compile a ``torch.compile`` function, before the capture begins."""
     stream = torch.cuda.Stream()

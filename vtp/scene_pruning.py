@@ -82,8 +82,8 @@ def scene_pruner_config(selector: str = "learned", seed: int = 0, mode: str | No
     s = settings(mode)
     fields = dict(adapt_ratios=tuple(BUDGETS.values()), selector=selector, steps=s["steps"],
                   adapt_steps=s["adapt_steps"], eval_every=s["eval_every"], batch_size=s["batch_size"],
-                  eval_questions=s["eval_questions"], eval_batch_size=s["eval_batch_size"], log_every=s["log_every"], time_budget_s=s["time_budget_s"],
-                  augment={}, train_questions=None)
+                  eval_questions=s["eval_questions"], eval_batch_size=s["eval_batch_size"], log_every=s["log_every"],
+                  time_budget_s=s["time_budget_s"], augment={}, train_questions=None)
     return pruner_recipe(SHARED, seed, mode, **{**fields, **overrides})
 
 
