@@ -8,6 +8,7 @@ units give at that many rows). Then it profiles the patched call and lists the k
 of the call the GPU was busy.
 
     python scripts/profile_ttft.py              # batch 8, 64 of 576 visual tokens (needs a CUDA GPU)
+    python scripts/profile_ttft.py --graphs     # the same, the pruned prefill replayed as CUDA graphs
     python scripts/profile_ttft.py --smoke      # tiny shapes on a CPU: the code path only
 """
 import argparse
@@ -39,6 +40,7 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--no-profile", action="store_true", help="skip the kernel profile")
+    ap.add_argument("--graphs", action="store_true", help="patch with graphs=True (vtp.patch_graphs)")
     a = ap.parse_args(argv)
     cuda = torch.cuda.is_available()
     config = llava_config("tiny", "tiny") if a.smoke else llava_config()
@@ -54,7 +56,7 @@ def main(argv=None):
           f"tokens, {n_text} text tokens")
 
     full_ms = _ms(lambda: generate(model, inputs, 1), a.repeats)
-    patch(model, pruner, ratio=kept / n_visual, rule="topk")
+    patch(model, pruner, ratio=kept / n_visual, rule="topk", graphs=a.graphs)
     pruned_ms = _ms(lambda: generate(model, inputs, 1), a.repeats)
     vision_ms = _ms(lambda: image_features(model, inputs["pixel_values"]), a.repeats)
     print(f"generate(max_new_tokens=1): unpatched {full_ms:.2f} ms, patched {pruned_ms:.2f} ms "
@@ -94,7 +96,7 @@ def main(argv=None):
     print(f"forward speedup: eager {ue / pe:.2f}x, CUDA graphs {ug / pg:.2f}x")
     if a.no_profile:
         return
-    patch(model, pruner, ratio=kept / n_visual, rule="topk")
+    patch(model, pruner, ratio=kept / n_visual, rule="topk", graphs=a.graphs)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     warnings.filterwarnings("ignore", message="Warning: Profiler clears events")
     with profile(activities=activities) as prof:

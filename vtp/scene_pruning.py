@@ -198,12 +198,13 @@ def _test_split(test_file, timeout_s: float):
 
 
 def train_job(name: str, seed: int, selector: str, data_file, test_file, mode: str | None = None,
-              save_dir=None, wait_s: float = 1800.0) -> dict:
+              save_dir=None, wait_s: float = 1800.0, overrides: dict | None = None) -> dict:
     """One lesson-11 training (a module-level function for :func:`vtp.sweep.run_jobs`): the scenes teacher of
     ``mode`` (:func:`vtp.scene_teacher.load_or_train_scene_teacher`), :func:`scene_pruner_config` of ``selector``
     and ``seed`` trained on the pool of ``data_file`` (validated on its ``val`` split), then evaluated with
     :func:`evaluate_student` at every budget on the test split of ``test_file`` (written by :func:`peers_job`;
-    waited for). ``save_dir`` saves the student's ``state_dict`` as ``{name}.pt``. Returns a picklable dict:
+    waited for). ``save_dir`` saves the student's ``state_dict`` as ``{name}.pt``; ``overrides`` go to
+    :func:`scene_pruner_config` (a recipe study: ``scripts/lesson11_recipe_study.py``). Returns a picklable dict:
     ``name``, ``seed``, ``selector``, ``config``, ``history``, ``test`` (per budget label), ``train_time_s``,
     ``phase2_steps``, ``stopped_early``, ``job_s``, ``teacher_sha256``, ``device``, ``saved``."""
     from .runtime import default_device
@@ -215,7 +216,7 @@ def train_job(name: str, seed: int, selector: str, data_file, test_file, mode: s
     teacher, processor, info = load_or_train_scene_teacher(mode, device=default_device())
     device = next(teacher.parameters()).device
     data = load_data(data_file)
-    cfg = scene_pruner_config(selector, seed, mode)
+    cfg = scene_pruner_config(selector, seed, mode, **(overrides or {}))
     s = settings(mode)
     batches = image_batches(data["pool"], processor, cfg, device, s["questions_per_image"])
     val = encode_scenes(data["val"], processor, device)
