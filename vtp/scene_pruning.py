@@ -45,16 +45,19 @@ __all__ = ["BUDGETS", "SHARED", "PRESETS", "settings", "scene_pruner_config", "s
 BUDGETS = {"192": 192 / 576, "128": 128 / 576, "64": 64 / 576}
 SHARED = BUDGETS["64"]  # phase 1 trains at the smallest budget, as lesson 07 does
 
-# Step counts (data, so that a slower or faster GPU is one edit away). Full-run estimate: a step at batch 64
-# (32 images x 2 questions, ~610 tokens each) costs ~2 TFLOP (student forward + backward, frozen teacher, two
-# vision-tower forwards, float32 policy attention), ~45 ms eager on one H200, ~22 steps/s for all trainings
-# together: 9 trainings (3 seeds x learned + 2 controls) x (240 + 360) steps ~ 245 s. ``time_budget_s`` = 330 s
-# per training guards a slower GPU (phase 2 stops early, the run records where). The pool of 6,000 images x 4
-# questions is seen about 3 times per training. ``eval_batch_size`` = 64: a FastV-style score at ~601 tokens keeps a
-# [batch, 4 heads, 601, 601] float32 attention map (0.35 GiB at 64, 2.76 GiB at 512), in ten processes at once.
+# Step counts (data, so that a slower or faster GPU is one edit away). A step at batch 64 (32 images x 2 questions,
+# ~610 tokens each) costs ~2 TFLOP (student forward + backward, frozen teacher, two vision-tower forwards, float32
+# policy attention); the ten jobs share one GPU, and control (b), which runs the FastV-style score at every step, is
+# the slowest (``train_time_s`` in results/11_pruning_at_576.json). 240 + 180 steps finish inside the guard on one
+# H200, so phase 2's cosine learning rate decays to its end and every run trains the same steps; the first full run
+# (240 + 360 steps, a 330 s guard) cut phase 2 short, and ``scripts/lesson11_recipe_study.py`` measured this
+# schedule (results/11_recipe_study.json). ``time_budget_s`` = 400 s per training only guards a slower GPU (phase 2
+# then stops early and the lesson says so). The pool of 6,000 images x 4 questions is seen about once per training.
+# ``eval_batch_size`` = 64: a FastV-style score at ~601 tokens keeps a [batch, 4 heads, 601, 601] float32 attention
+# map (0.35 GiB at 64, 2.76 GiB at 512), in ten processes at once.
 PRESETS = {
-    "full": dict(seeds=(0, 1, 2), steps=240, adapt_steps=360, eval_every=120, batch_size=64, questions_per_image=2,
-                 eval_questions=1800, log_every=10, time_budget_s=330.0, pool_images=6000, pool_questions_per_image=4,
+    "full": dict(seeds=(0, 1, 2), steps=240, adapt_steps=180, eval_every=120, batch_size=64, questions_per_image=2,
+                 eval_questions=1800, log_every=10, time_budget_s=400.0, pool_images=6000, pool_questions_per_image=4,
                  pool_processes=16, test_questions=None, val_questions=None, eval_batch_size=64),
     # CPU, seconds per training: the same code path on the smoke teacher's 16-token scenes.
     "smoke": dict(seeds=(0, 1, 2), steps=12, adapt_steps=12, eval_every=6, batch_size=16, questions_per_image=2,
