@@ -191,7 +191,20 @@ def test_readme_claims_about_lesson_11():
     assert min(r["evidence_recall_overall"]["fastv"].values()) > 0.99  # FastV-style keeps the evidence
     peer = s["budgets"]["64"]["adapted_peer"]
     assert s["teacher_accuracy"] - sum(peer) / len(peer) < sp.GOALS["margin_64"]  # no room for the margin goal
-    assert r["equal_steps"] is False and len({v["phase2"] for v in r["steps"].values()}) > 1
+    # every training ran the planned 240 + 180 steps (the schedule the README names)
+    assert r["equal_steps"] is True and {(v["phase1"], v["phase2"]) for v in r["steps"].values()} == {(240, 180)}
+    assert all(v["stopped_early"] is None for v in r["steps"].values())
+    # retention met at 128 and 64 of 576 on the worst seed, missed at 192; the recipe study met all three
+    met = {x["goal"].split(" at ")[1].split("/")[0]: x["met"] for x in r["goals"] if x["goal"].startswith("worst-seed")}
+    assert met == {"192": False, "128": True, "64": True}
+    study = json.loads((ROOT / "results" / "11_recipe_study.json").read_text())
+    assert study["teacher_sha256"] == r["teacher_sha256"] and all(study["variants"]["recipe"]["goals_met"].values())
+    assert study["shared_overrides"]["adapt_steps"] == 180
+    # on relation, the learned pruner's weakest family, its selection keeps the evidence
+    for b in sp.BUDGETS:
+        fam = r["per_family"]["learned"][b]
+        assert min(fam, key=lambda f: fam[f] / r["teacher_per_family"][f]) == "relation"
+        assert r["evidence_recall"]["learned"][b]["relation"] > 0.98
 
 
 def test_readme_quotes_lesson_11():
