@@ -53,7 +53,7 @@ def main(argv=None):
     ap.add_argument("--smoke", action="store_true")
     a = ap.parse_args(argv)
     mode = "smoke" if a.smoke else "full"
-    os.environ["VTP_MODE"] = mode
+    os.environ["VTP_MODE"] = mode  # the spawned jobs and every default read the mode from here
     names = a.variants.split(",")
     unknown = [v for v in names if v not in VARIANTS]
     if unknown:

@@ -274,13 +274,14 @@ def test_ttft_figure_plots_the_pruned_rows_against_their_bound():
 
 
 def test_profile_ttft_script_smoke():
-    """scripts/profile_ttft.py runs its whole code path on tiny shapes (a CPU: no CUDA graph, no kernel times)."""
+    """scripts/profile_ttft.py runs its whole code path on tiny shapes (a CPU: no CUDA graph, no kernel times), with
+    ``--graphs`` (the patched model's prefill through vtp.patch_graphs' buffers)."""
     import subprocess
     import sys
     from pathlib import Path
 
     root = Path(__file__).resolve().parent.parent
-    out = subprocess.run([sys.executable, str(root / "scripts" / "profile_ttft.py"), "--smoke", "--repeats", "1"],
+    out = subprocess.run([sys.executable, str(root / "scripts" / "profile_ttft.py"), "--smoke", "--repeats", "1", "--graphs"],
                          capture_output=True, text=True, timeout=600, cwd=root, check=True).stdout
     for line in ("generate(max_new_tokens=1): unpatched", "language model prefill", "patched forward, use_cache=False",
                  "unpatched forward, use_cache=False", "forward speedup", "patched call: GPU kernels"):

@@ -1,6 +1,7 @@
 """vtp.scene_pruning (lesson 11): one recipe for the learned run and its controls, the presets' arithmetic, the
 shared data files, image-grouped batches, the one-pass student evaluation (= scene_accuracy, plus evidence recall)."""
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -105,3 +106,29 @@ def _text(vlm, batch):
 def test_lesson11_job_names_its_kinds():
     with pytest.raises(ValueError, match="kind"):
         sp.lesson11_job("evaluate")
+
+
+def test_recipe_study_script_smoke(tmp_path, monkeypatch):
+    """scripts/lesson11_recipe_study.py on the smoke teacher: one seed of two variants, the report's fields, the
+    variants' overrides reaching the trained runs (the top-k phase 1 keeps exactly k of N tokens)."""
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    spec = importlib.util.spec_from_file_location("study", root / "scripts" / "lesson11_recipe_study.py")
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    out = tmp_path / "study.json"
+    monkeypatch.setenv("VTP_MODE", "smoke")  # the script sets the mode for its jobs; restored after the test
+    study.main(["--smoke", "--out", str(out), "--variants", "recipe,topk_phase1", "--seeds", "0", "--adapt-steps", "3"])
+    report = json.loads(out.read_text())
+    assert report["mode"] == "smoke" and report["shared_overrides"] == {"adapt_steps": 3}
+    assert set(report["variants"]) == {"recipe", "topk_phase1"}
+    for name, rep in report["variants"].items():
+        row = rep["seeds"]["0"]
+        assert row["phase2_steps"] == 3 and row["stopped_early"] is None and set(row["accuracy"]) == set(sp.BUDGETS)
+        assert set(rep["goals_met"]) == set(sp.BUDGETS) and all(0 <= x <= 1 for x in row["accuracy"].values())
+    k = max(1, round(sp.SHARED * 16)) / 16  # the smoke scenes' 16 tokens
+    assert abs(report["variants"]["topk_phase1"]["seeds"]["0"]["phase1_keep_last5"] - k) < 1e-6
+    with pytest.raises(SystemExit, match="unknown"):
+        study.main(["--smoke", "--out", str(out), "--variants", "nope"])
